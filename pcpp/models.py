@@ -1,0 +1,252 @@
+"""Model factory: CIFAR ResNet-20 (He et al. 2016) and any timm model by name, built offline."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CIFAR_TEACHER_NORMALIZATION",
+    "MODEL_NORMALIZATION",
+    "BasicBlock",
+    "CifarResNet",
+    "Normalization",
+    "ZeroPadShortcut",
+    "create",
+    "load_checkpoint",
+    "normalization",
+    "resnet20",
+]
+
+
+class Normalization(NamedTuple):
+    """Per-channel input normalisation (mean, std) applied to images scaled to [0, 1]."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# The ResNet-20 teacher (../shared/teachers/resnet20-cifar10.th) was trained with ImageNet statistics.
+CIFAR_TEACHER_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+MODEL_NORMALIZATION: dict[str, Normalization] = {"resnet20": CIFAR_TEACHER_NORMALIZATION}
+
+
+# --- CIFAR ResNet (He et al. 2016, section 4.2; layout of Idelbayev's pytorch_resnet_cifar10) ---
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut (He et al. 2016): subsample by `stride`, zero-pad the extra channels."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        if planes < in_planes:
+            raise ValueError(f"option-A shortcut cannot shrink channels ({in_planes} -> {planes})")
+        self.stride = stride
+        self.pad_front = (planes - in_planes) // 2
+        self.pad_back = planes - in_planes - self.pad_front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad=({self.pad_front}, {self.pad_back})"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection (He et al. 2016)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = ZeroPadShortcut(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-(6n+2): a 16-channel stem, three stages of n blocks (16/32/64), GAP, `linear` head."""
+
+    def __init__(self, num_blocks: tuple[int, int, int] = (3, 3, 3), num_classes: int = 10):
+        super().__init__()
+        self.in_planes = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.layer1 = self._make_layer(16, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(32, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(64, num_blocks[2], stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(64, num_classes)
+        self.num_classes = num_classes
+        self.apply(_kaiming_init)
+
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        blocks = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            blocks.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*blocks)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.flatten(self.pool(self.forward_features(x)), 1))
+
+
+def _kaiming_init(m: nn.Module) -> None:
+    # Idelbayev's _weights_init: kaiming_normal_ (fan_in) on conv and linear weights, biases left default.
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(m.weight)
+
+
+def resnet20(num_classes: int | None = None) -> CifarResNet:
+    """CIFAR ResNet-20 (He et al. 2016): 0.27M parameters, option-A shortcuts."""
+    return CifarResNet((3, 3, 3), num_classes=10 if num_classes is None else num_classes)
+
+
+_LOCAL_MODELS: dict[str, Callable[..., nn.Module]] = {"resnet20": resnet20}
+
+
+# --- checkpoints ---
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # torch raises RuntimeError / UnpicklingError / EOFError for truncated or foreign files
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(
+            f"checkpoint {path} holds no state dict (expected a mapping of str to tensors, "
+            f"or a dict with one under 'state_dict'/'model')"
+        )
+    return dict(obj)
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    # DataParallel / DDP checkpoints prefix every key; strip only when all keys carry it.
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load weights from `path` into `model` and return it.
+
+    Accepts `torch.save` files holding a state dict or a dict with one under "state_dict" (the format of
+    Idelbayev's checkpoints) or "model", and `.safetensors` files; a `module.` prefix is stripped.
+    Nothing is copied unless all shapes match and, with `strict`, the key sets match too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state_dict = _strip_prefix(_read_state_dict(path))
+
+    expected = model.state_dict()
+    # Checkpoints from torch < 0.4.1 lack BatchNorm's num_batches_tracked; BatchNorm fills it in on load.
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatches: {_first(mismatched)}")
+    if strict and missing:
+        problems.append(f"missing keys: {_first(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys: {_first(unexpected)}")
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=strict)
+    return model
+
+
+# --- factory ---
+
+
+def create(
+    name: str, *, num_classes: int | None = None, pretrained_file: str | os.PathLike | None = None, **kw: Any
+) -> nn.Module:
+    """Build model `name` offline: a local model (`resnet20`) or any timm model.
+
+    Extra keyword arguments go to the timm constructor, e.g. `img_size=32, patch_size=4` for a ViT on
+    CIFAR. `pretrained_file` loads weights from a local checkpoint (see `load_checkpoint`); nothing is
+    ever downloaded.
+    """
+    if name in _LOCAL_MODELS:
+        if kw:
+            raise ValueError(f"model {name!r} takes no extra arguments, got {sorted(kw)}")
+        model = _LOCAL_MODELS[name](num_classes=num_classes)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            candidates = list(_LOCAL_MODELS) + timm.list_models()
+            close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown model {name!r} (neither local nor in timm){hint}")
+        if num_classes is not None:
+            kw["num_classes"] = num_classes
+        model = timm.create_model(name, pretrained=False, **kw)
+    if pretrained_file is not None:
+        load_checkpoint(model, pretrained_file)
+    return model
+
+
+def normalization(name: str) -> Normalization:
+    """Input normalisation a model of this name expects: the teacher's for local models, else timm's."""
+    if name in MODEL_NORMALIZATION:
+        return MODEL_NORMALIZATION[name]
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    mean = getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD
+    return Normalization(mean=tuple(mean), std=tuple(std))

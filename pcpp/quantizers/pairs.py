@@ -1,0 +1,294 @@
+"""The registered forward/backward pairs: paper Table 1 (fp .. bnn++) and Appendix F (poly .. react).
+
+Each class is one pair: its docstring names F, B and the source; its two static functions are the
+pair. Default schedules follow section 4.1 (rho 0.01 -> 10 linear, mu 5 -> 30 linear for BNN++, mu = 5
+for BNN+) and the original papers for R-BNN / IR-Net (t log-linear, k = max(1/t, 1)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pcpp.quantizers import functions as fn
+from pcpp.quantizers.base import Quantizer, _Pair, register
+from pcpp.schedules import constant, linear, loglinear
+
+
+def _k_from_t(p: dict) -> float:
+    return max(1.0 / p["t"], 1.0)
+
+
+@register
+class FullPrecision(Quantizer):
+    """FP: F = identity, B = 1 (full-precision training)."""
+
+    name = "fp"
+    forward_formula = "w"
+    backward_formula = "1"
+    source = "Table 1 (FP)"
+
+    @staticmethod
+    def forward_fn(w):
+        return w
+
+    @staticmethod
+    def backward_fn(w):
+        return torch.ones_like(w)
+
+
+@register
+class BinaryConnect(Quantizer):
+    """BC: F = sign (P_Q), B = 1 (identity straight-through). Courbariaux et al. 2015; eq. (2)."""
+
+    name = "bc"
+    forward_formula = "sign(w)"
+    backward_formula = "1"
+    source = "Table 1 (BC), eq. (2)"
+
+    @staticmethod
+    def forward_fn(w):
+        return fn.sign(w)
+
+    @staticmethod
+    def backward_fn(w):
+        return torch.ones_like(w)
+
+
+@register
+class ProxConnect(Quantizer):
+    """PC: F = L_rho^varrho (piecewise-linear proximal map), B = 1. Dockhorn et al. 2021; App. A eq. (10)."""
+
+    name = "pc"
+    forward_formula = "L_rho(w)"
+    backward_formula = "1"
+    source = "Table 1 (PC), Appendix A eq. (10)"
+    schedules = {"rho": linear(0.01, 10.0), "varrho": constant(0.0)}
+
+    @staticmethod
+    def forward_fn(w, rho, varrho):
+        return fn.prox_linear(w, rho, varrho)
+
+    @staticmethod
+    def backward_fn(w, rho, varrho):
+        return torch.ones_like(w)
+
+
+@register
+class BNN(Quantizer):
+    """BNN: F = sign, B = 1[|w| <= 1] (hard-tanh STE). Hubara et al. 2016; paper Example 1."""
+
+    name = "bnn"
+    forward_formula = "sign(w)"
+    backward_formula = "1[|w| <= 1]"
+    source = "Table 1 (BNN), Example 1"
+
+    @staticmethod
+    def forward_fn(w):
+        return fn.sign(w)
+
+    @staticmethod
+    def backward_fn(w):
+        return fn.indicator(w.abs() <= 1.0, w)
+
+
+@register
+class BNNPlus(Quantizer):
+    """BNN+: F = sign, B = SS'_mu (sign-Swish derivative). Darabi et al. 2018; paper Example 2."""
+
+    name = "bnn+"
+    forward_formula = "sign(w)"
+    backward_formula = "SS'_mu(w)"
+    source = "Table 1 (BNN+), Example 2"
+    schedules = {"mu": constant(5.0)}
+
+    @staticmethod
+    def forward_fn(w, mu):
+        return fn.sign(w)
+
+    @staticmethod
+    def backward_fn(w, mu):
+        return fn.sign_swish_grad(w, mu)
+
+
+@register
+class BNNPlusPlus(Quantizer):
+    """BNN++: F = SS_mu, B = SS'_mu; mu ramps 5 -> 30 so F -> sign. The paper's Example 3."""
+
+    name = "bnn++"
+    forward_formula = "SS_mu(w)"
+    backward_formula = "SS'_mu(w)"
+    source = "Table 1 (BNN++), Example 3"
+    schedules = {"mu": linear(5.0, 30.0)}
+
+    @staticmethod
+    def forward_fn(w, mu):
+        return fn.sign_swish(w, mu)
+
+    @staticmethod
+    def backward_fn(w, mu):
+        return fn.sign_swish_grad(w, mu)
+
+
+@register
+class BiReal(Quantizer):
+    """Bi-Real (poly): F = sign, B = (2 - 2|w|) 1[|w| <= 1]. Liu et al. 2018; Appendix F."""
+
+    name = "poly"
+    forward_formula = "sign(w)"
+    backward_formula = "(2 - 2|w|) 1[|w| <= 1]"
+    source = "Appendix F (Bi-Real Net)"
+
+    @staticmethod
+    def forward_fn(w):
+        return fn.sign(w)
+
+    @staticmethod
+    def backward_fn(w):
+        return fn.bireal_poly_grad(w)
+
+
+@register
+class BiRealPlus(Quantizer):
+    """Poly+: F = p(k w), B = k p'(k w), p the Bi-Real polynomial; k ramps 1 -> 30 so F -> sign.
+
+    The legitimate (Corollary 2) variant of Bi-Real, Appendix F.
+    """
+
+    name = "poly+"
+    forward_formula = "p(k w)"
+    backward_formula = "k p'(k w)"
+    source = "Appendix F (Poly+)"
+    schedules = {"k": linear(1.0, 30.0)}
+
+    @staticmethod
+    def forward_fn(w, k):
+        return fn.bireal_poly(k * w)
+
+    @staticmethod
+    def backward_fn(w, k):
+        return k * fn.bireal_poly_grad(k * w)
+
+
+@register
+class RBNN(Quantizer):
+    """R-BNN: F = sign, B = k max(0, sqrt(2) t - t^2 |w|); t = 10^(-2 + 3p), k = max(1/t, 1).
+
+    Lin et al. 2020 (training-aware sign approximation); Appendix F.
+    """
+
+    name = "rbnn"
+    forward_formula = "sign(w)"
+    backward_formula = "k max(0, sqrt2 t - t^2 |w|)"
+    source = "Appendix F (R-BNN)"
+    schedules = {"t": loglinear(0.01, 10.0)}
+    derived = {"k": _k_from_t}
+
+    @staticmethod
+    def forward_fn(w, t, k):
+        return fn.sign(w)
+
+    @staticmethod
+    def backward_fn(w, t, k):
+        return fn.rbnn_grad(w, t, k)
+
+
+@register
+class EDE(Quantizer):
+    """EDE (IR-Net): F = sign, B = k t (1 - tanh^2(t w)); t = 10^(-1 + 2p), k = max(1/t, 1).
+
+    Qin et al. 2020; Appendix F.
+    """
+
+    name = "ede"
+    forward_formula = "sign(w)"
+    backward_formula = "k t (1 - tanh^2(t w))"
+    source = "Appendix F (EDE, IR-Net)"
+    schedules = {"t": loglinear(0.1, 10.0)}
+    derived = {"k": _k_from_t}
+
+    @staticmethod
+    def forward_fn(w, t, k):
+        return fn.sign(w)
+
+    @staticmethod
+    def backward_fn(w, t, k):
+        return fn.ede_grad(w, t, k)
+
+
+@register
+class EDEPlus(Quantizer):
+    """EDE+: F = k tanh(t w), B = k t (1 - tanh^2(t w)): the Corollary 2 variant of EDE (Appendix F)."""
+
+    name = "ede+"
+    forward_formula = "k tanh(t w)"
+    backward_formula = "k t (1 - tanh^2(t w))"
+    source = "Appendix F (EDE+)"
+    schedules = {"t": loglinear(0.1, 10.0)}
+    derived = {"k": _k_from_t}
+
+    @staticmethod
+    def forward_fn(w, t, k):
+        return k * torch.tanh(t * w)
+
+    @staticmethod
+    def backward_fn(w, t, k):
+        return fn.ede_grad(w, t, k)
+
+
+@register
+class ReAct(Quantizer):
+    """ReAct: F = sign(w - beta), B = 1[|w - beta| <= 1]. Liu et al. 2020 (RSign); Appendix F.
+
+    beta is a fixed parameter (0 for weights) unless `learnable_beta=True`, which makes it an
+    nn.Parameter (one per channel with `channels=C`, broadcast along dim 1, as ReActNet's RSign).
+    """
+
+    name = "react"
+    forward_formula = "sign(w - beta)"
+    backward_formula = "1[|w - beta| <= 1]"
+    source = "Appendix F (ReActNet)"
+    schedules = {"beta": constant(0.0)}
+    options = {"learnable_beta": False, "channels": None}
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        channels = self.opts["channels"]
+        if channels is not None and (not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"react: channels must be a positive int or None, got {channels!r}")
+        if self.opts["learnable_beta"]:
+            init = self.param_schedules["beta"](0.0)
+            self.beta = nn.Parameter(torch.full((channels or 1,), init))
+        else:
+            self.beta = None
+
+    @staticmethod
+    def forward_fn(w, beta):
+        return fn.sign(w - beta)
+
+    @staticmethod
+    def backward_fn(w, beta):
+        return fn.indicator((w - beta).abs() <= 1.0, w)
+
+    def _shift(self, w: torch.Tensor) -> torch.Tensor:
+        if self.beta.numel() == 1:
+            return self.beta.reshape(())
+        shape = [1] * w.dim()
+        shape[1] = -1
+        return self.beta.reshape(shape)
+
+    def F(self, w):
+        if self.beta is None:
+            return super().F(w)
+        return self.forward_fn(w, self._shift(w).detach())
+
+    def B(self, w):
+        if self.beta is None:
+            return super().B(w)
+        return self.backward_fn(w, self._shift(w).detach())
+
+    def forward(self, w):
+        if self.beta is None:
+            return super().forward(w)
+        # Shift first, so autograd carries the gradient to beta: d/dbeta = -grad * B(w - beta).
+        return _Pair.apply(w - self._shift(w), self.forward_fn, self.backward_fn, {"beta": 0.0})

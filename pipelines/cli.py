@@ -1,0 +1,101 @@
+"""The `pcpp` command line. Each subcommand imports what it needs only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parse_value(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _key_values(pairs: list[str]) -> dict:
+    out = {}
+    for item in pairs:
+        if "=" not in item:
+            raise SystemExit(f"error: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+PROGRESS_POINTS = (0.0, 0.5, 1.0)
+
+
+def cmd_quantizers(args) -> int:
+    from pcpp import quantizers, theory
+
+    rows = []
+    for name in quantizers.names():
+        q = quantizers.get(name)
+        verdicts = [theory.check(quantizers.get(name).set_progress(p)) for p in PROGRESS_POINTS]
+        ok = {v.admissible for v in verdicts}
+        verdict = "admissible" if ok == {True} else "not admissible" if ok == {False} else "depends on progress"
+        rows.append((name, q.forward_formula, q.backward_formula, q.describe(), verdict))
+    header = ("name", "forward F", "backward B", "default schedule", "Corollary 1")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"\nverdicts checked at progress {', '.join(map(str, PROGRESS_POINTS))} on w in [-3, 3]")
+    if args.plot:
+        from pcpp.plots import plot_verdicts
+
+        vs = [theory.check(quantizers.get(n).set_progress(args.progress)) for n in quantizers.names()]
+        print(f"wrote {plot_verdicts(vs, args.plot, title=f'pcpp quantizers at progress {args.progress:g}')}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from pcpp import quantizers, theory
+
+    params = _key_values(args.param)
+    q = quantizers.get(args.name, **params).set_progress(args.progress)
+    verdict = theory.check(q, domain=tuple(args.domain), free_slope=args.free_slope)
+    print(verdict)
+    print(f"forward  F(w) = {q.forward_formula}\nbackward B(w) = {q.backward_formula}\nsource: {q.source}")
+    if args.plot:
+        from pcpp.plots import plot_verdicts
+
+        print(f"wrote {plot_verdicts([verdict], args.plot)}")
+    return 0 if verdict.admissible or not args.strict else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcpp", description="ProxConnect++ binarization pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantizers", help="list the registered forward/backward pairs and their verdicts")
+    p.add_argument("--plot", type=Path, help="draw F, B and P of every pair into this PNG")
+    p.add_argument("--progress", type=float, default=0.5, help="training progress for the plot (0..1)")
+    p.set_defaults(func=cmd_quantizers)
+
+    p = sub.add_parser("check", help="Corollary 1 verdict for one pair, optionally plotted")
+    p.add_argument("name")
+    p.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a parameter, e.g. -p mu=5")
+    p.add_argument("--progress", type=float, default=0.0, help="training progress in [0, 1] (default 0)")
+    p.add_argument("--domain", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LO", "HI"))
+    p.add_argument("--free-slope", type=float, default=1.0,
+                   help="slope given to P where B = 0 and F is flat (the paper's 1/mu)")
+    p.add_argument("--plot", type=Path, help="draw F, B and P side by side into this PNG")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the pair is not admissible")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"pcpp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
