@@ -236,6 +236,8 @@ def create(
         model = timm.create_model(name, pretrained=False, **kw)
     if pretrained_file is not None:
         load_checkpoint(model, pretrained_file)
+    # How to rebuild the architecture (export manifests, pipeline artifacts); weights are stored apart.
+    model.pcpp_recipe = {"name": name, "kwargs": {**kw, "num_classes": num_classes}}
     return model
 
 

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from pcpp.quantizers.functions import sign
 from pcpp.schedules import Schedule, as_schedule, check_progress
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
@@ -55,7 +56,8 @@ class _Pair(torch.autograd.Function):
 
     @staticmethod
     def forward(w, forward_fn, backward_fn, params):
-        return forward_fn(w, **params)
+        out = forward_fn(w, **params)
+        return out.view_as(out) if out is w else out  # autograd refuses an input returned as-is
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -137,6 +139,10 @@ class Quantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _Pair.apply(w, self.forward_fn, self.backward_fn, self.params)
+
+    def binarize(self, w: torch.Tensor) -> torch.Tensor:
+        """The honest binary value the pair converges to: sign(w) (identity for fp, shifted for ReAct)."""
+        return sign(w)
 
     @property
     def is_binary(self) -> bool:

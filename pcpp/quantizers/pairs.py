@@ -36,6 +36,9 @@ class FullPrecision(Quantizer):
     def backward_fn(w):
         return torch.ones_like(w)
 
+    def binarize(self, w):
+        return w
+
 
 @register
 class BinaryConnect(Quantizer):
@@ -276,6 +279,10 @@ class ReAct(Quantizer):
         shape = [1] * w.dim()
         shape[1] = -1
         return self.beta.reshape(shape)
+
+    def binarize(self, w):
+        shift = self.param_schedules["beta"](self.progress) if self.beta is None else self._shift(w).detach()
+        return fn.sign(w - shift)
 
     def F(self, w):
         if self.beta is None:

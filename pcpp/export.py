@@ -1,0 +1,271 @@
+"""Bit-packed export of a binarized model: one safetensors file plus a JSON manifest.
+
+Binarized weights are stored as 1 bit each (sign(w*); 1 = +1) plus one fp32 scale per layer or channel;
+every other tensor of the state dict is stored as it is. Tensors are laid flat, one buffer per dtype,
+so the file is the ideal size plus a few hundred bytes of header; the manifest records the model recipe
+(name, constructor arguments), each binarized layer's settings and the per-tensor layout.
+
+`save(model, path)` returns the size summary; `load(path)` returns the model in honest binarized-eval
+mode, whose logits equal those of the exported model under `binary_eval`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pcpp.nn import BINARY_TYPES, BinaryMixin, binary_layers, set_binary_eval
+from pcpp.quantizers import from_state
+
+FORMAT = "pcpp-export/1"
+
+
+# -- bit packing ---------------------------------------------------------------------------------------
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """Pack a {-1, +1} tensor into uint8, 8 signs a byte, most significant bit first (1 means +1)."""
+    bits = (signs.reshape(-1) > 0).to(torch.uint8)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (bits.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, numel: int, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of pack_signs: the first `numel` signs as a {-1, +1} tensor of `dtype`."""
+    if packed.dtype != torch.uint8 or packed.numel() * 8 < numel:
+        raise ValueError(f"cannot unpack {numel} signs from {packed.numel()} bytes of {packed.dtype}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].to(dtype) * 2 - 1
+
+
+# -- size summary ----------------------------------------------------------------------------------------
+@dataclass
+class LayerSize:
+    name: str
+    kind: str
+    binary_params: int
+    fp_params: int
+    bytes: int
+
+
+@dataclass
+class SizeSummary:
+    """Per-layer size table in the manner of larq's model summary."""
+
+    rows: list[LayerSize]
+    file_bytes: int | None = None
+
+    @property
+    def binary_params(self) -> int:
+        return sum(r.binary_params for r in self.rows)
+
+    @property
+    def fp_params(self) -> int:
+        return sum(r.fp_params for r in self.rows)
+
+    @property
+    def ideal_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * (self.binary_params + self.fp_params)
+
+    @property
+    def ratio(self) -> float:
+        """fp32 size / packed size (the paper: ViT-B 450 MB -> 15 MB, about 30x)."""
+        return self.fp32_bytes / (self.file_bytes or self.ideal_bytes)
+
+    def to_dict(self) -> dict:
+        return {"binary_params": self.binary_params, "fp_params": self.fp_params, "ideal_bytes": self.ideal_bytes,
+                "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "ratio_to_fp32": self.ratio}
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.rows] + [5])
+        head = f"{'layer':<{w}}  {'type':<13}  {'binary':>11}  {'fp':>11}  {'bytes':>12}  {'x fp32':>7}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            ratio = 4 * (r.binary_params + r.fp_params) / r.bytes if r.bytes else 0.0
+            lines.append(f"{r.name:<{w}}  {r.kind:<13}  {r.binary_params:>11,}  {r.fp_params:>11,}  "
+                         f"{r.bytes:>12,}  {ratio:>6.1f}x")
+        lines.append("-" * len(head))
+        lines.append(f"{'total':<{w}}  {'':<13}  {self.binary_params:>11,}  {self.fp_params:>11,}  "
+                     f"{self.ideal_bytes:>12,}  {self.fp32_bytes / self.ideal_bytes:>6.1f}x")
+        size = f"fp32 {self.fp32_bytes / 2**20:.2f} MiB -> packed {self.ideal_bytes / 2**20:.3f} MiB (ideal)"
+        if self.file_bytes is not None:
+            size += f", file {self.file_bytes / 2**20:.3f} MiB: {self.ratio:.1f}x smaller than fp32"
+        lines.append(size)
+        return "\n".join(lines)
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0] or name
+
+
+def size_summary(model: nn.Module) -> SizeSummary:
+    """Sizes of what `save` stores: 1 bit per binarized weight + fp32 scales + every other tensor."""
+    binary = dict(binary_layers(model))
+    per_layer: dict[str, LayerSize] = {}
+    modules = dict(model.named_modules())
+    for key, t in model.state_dict().items():
+        owner = _owner(key)
+        row = per_layer.setdefault(owner, LayerSize(owner, type(modules.get(owner, model)).__name__, 0, 0, 0))
+        layer = binary.get(owner)
+        if layer is not None and key == f"{owner}.weight":
+            row.binary_params += t.numel()
+            n_scales = t.shape[0] if layer.scaling == "channel" else 1
+            row.fp_params += n_scales
+            row.bytes += math.ceil(t.numel() / 8) + 4 * n_scales
+        else:
+            if t.is_floating_point():
+                row.fp_params += t.numel()
+            row.bytes += t.numel() * t.element_size()
+    return SizeSummary(list(per_layer.values()))
+
+
+# -- save / load -------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> SizeSummary:
+    """Export `model` to `path` (.safetensors) and `path.json`; returns the size summary."""
+    path = Path(path)
+    recipe = recipe or getattr(model, "pcpp_recipe", None)
+    if recipe is None:
+        raise ValueError("export needs the model recipe (name and constructor arguments): build the model "
+                         "with pcpp.models.create or pass recipe={'name': ..., 'kwargs': {...}}")
+    binary = dict(binary_layers(model))
+    if not binary:
+        raise ValueError(f"{type(model).__name__} has no binarized layer: run pcpp.surgery.binarize_ first")
+
+    bits, scales, flat = [], [], {}
+    layout, layers = [], {}
+    bit_offset = scale_offset = 0
+    offsets: dict[str, int] = {}
+    for key, t in model.state_dict().items():
+        owner = _owner(key)
+        if owner in binary and key == f"{owner}.weight":
+            signs, s = binary[owner].binary_weight()
+            packed = pack_signs(signs.cpu())
+            s = s.reshape(-1).float().cpu()
+            bits.append(packed)
+            scales.append(s)
+            layout.append({"key": key, "kind": "binary", "shape": list(t.shape), "dtype": str(t.dtype),
+                           "byte_offset": bit_offset, "scale_offset": scale_offset, "scales": s.numel()})
+            bit_offset += packed.numel()
+            scale_offset += s.numel()
+        else:
+            group = str(t.dtype).replace("torch.", "")
+            flat.setdefault(group, []).append(t.detach().reshape(-1).cpu())
+            offset = offsets.get(group, 0)
+            layout.append({"key": key, "kind": "tensor", "group": group, "shape": list(t.shape),
+                           "offset": offset, "numel": t.numel()})
+            offsets[group] = offset + t.numel()
+    for name, layer in binary.items():
+        layers[name] = {"type": type(layer).__name__, **layer.binary_config()}
+
+    tensors = {"binary.bits": torch.cat(bits), "binary.scales": torch.cat(scales)}
+    tensors.update({f"flat.{g}": torch.cat(ts) for g, ts in flat.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(path)
+
+    summary = size_summary(model)
+    summary.file_bytes = path.stat().st_size
+    manifest = {"format": FORMAT, "file": path.name, "sha256": _sha256(path), "recipe": recipe,
+                "layers": layers, "extra_norms": list(getattr(model, "pcpp_extra_norms", [])),
+                "layout": layout, "summary": summary.to_dict()}
+    manifest_path(path).write_text(json.dumps(manifest, indent=1))
+    return summary
+
+
+def _read_manifest(path: Path) -> dict:
+    mpath = manifest_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"export file {path} does not exist")
+    if not mpath.exists():
+        raise FileNotFoundError(f"export manifest {mpath} is missing (it is written beside {path.name})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"export manifest {mpath} is corrupt: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: unknown export format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load(path: str | Path, *, verify: bool = True) -> nn.Module:
+    """Rebuild an exported model, in honest binarized-eval mode and eval()."""
+    from pcpp import models
+    from pcpp.surgery import add_attention_norm
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if verify:
+        digest = _sha256(path)
+        if digest != manifest["sha256"]:
+            raise ValueError(f"export file {path} is corrupt or truncated: sha256 {digest[:12]}... does not match "
+                             f"the manifest's {manifest['sha256'][:12]}...")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"export file {path} cannot be read: {e}") from None
+
+    recipe = manifest["recipe"]
+    model = models.create(recipe["name"], **recipe.get("kwargs", {}))
+    for name, cfg in manifest["layers"].items():
+        m = model.get_submodule(name)
+        cls = BINARY_TYPES.get(type(m))
+        if cls is None or cls.__name__ != cfg["type"]:
+            raise ValueError(f"{path}: layer {name} is a {type(m).__name__} in {recipe['name']}, "
+                             f"the manifest says {cfg['type']}")
+        new = cls.from_float(m, weight_quantizer=from_state(cfg["weight_quantizer"]),
+                             act_quantizer=None if cfg["act_quantizer"] is None else from_state(cfg["act_quantizer"]),
+                             scaling=cfg["scaling"], units=cfg["units"], accumulator_bits=cfg["accumulator_bits"])
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    for name in manifest.get("extra_norms", []):
+        add_attention_norm(model.get_submodule(name))
+
+    state = {}
+    bits, scales = tensors["binary.bits"], tensors["binary.scales"]
+    for entry in manifest["layout"]:
+        shape = torch.Size(entry["shape"])
+        if entry["kind"] == "binary":
+            n = shape.numel()
+            chunk = bits[entry["byte_offset"]: entry["byte_offset"] + math.ceil(n / 8)]
+            signs = unpack_signs(chunk, n).reshape(shape)
+            s = scales[entry["scale_offset"]: entry["scale_offset"] + entry["scales"]]
+            layer: BinaryMixin = model.get_submodule(_owner(entry["key"]))
+            s = s.reshape(-1, *([1] * (len(shape) - 1))) if entry["scales"] > 1 else s.reshape(())
+            layer.frozen_scale = s.clone()
+            state[entry["key"]] = signs * s
+        else:
+            buf = tensors[f"flat.{entry['group']}"]
+            state[entry["key"]] = buf[entry["offset"]: entry["offset"] + entry["numel"]].reshape(shape)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("frozen_scale")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: export does not match {recipe['name']}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    set_binary_eval(model, True)
+    return model.eval()

@@ -1,0 +1,372 @@
+"""Binarized layers: BinaryConv2d and BinaryLinear (BW, BWA, BWAA of the paper's section 4).
+
+They subclass nn.Conv2d / nn.Linear and keep the parameter names, so full-precision state dicts load
+as-is; the latent weight w* is `self.weight` and is transformed inside `forward` (timm's StdConv2d way).
+
+Scale convention (DESIGN.md): with a scale s (mean |w*| per layer, the paper's protocol 1, or per
+output channel), a weight pair acts in units of s: output s F(w*/s), gradient B(w*/s). `units="raw"`
+applies the pair to w* itself and multiplies by s afterwards. Activation pairs act on raw activations.
+
+Honest (binarized-eval) mode, `binary_eval(model)`: weights s sign(w*), activations sign(x) (ReAct:
+sign(x - beta)), accumulators wrapped. Every reported binary accuracy is measured in that mode.
+
+BWAA (WrapNet, Ni et al. 2020): the dot products of +-1 operands, integers, wrap to `accumulator_bits`
+two's complement; the gradient passes straight through the wrap. Layers count the overflow rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pcpp import quantizers
+from pcpp.quantizers import Quantizer
+from pcpp.quantizers import functions as qfn
+
+SCALINGS = ("none", "layer", "channel")
+UNITS = ("scaled", "raw")
+ACCUMULATOR_BITS = (None, 8)
+_EPS = 1e-8
+
+
+def _choice(what: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def make_quantizer(spec) -> Quantizer | None:
+    """A Quantizer from a name, a {'name': .., params..} dict, a Quantizer (copied state), or None."""
+    if spec is None or isinstance(spec, Quantizer):
+        return spec
+    if isinstance(spec, str):
+        return quantizers.get(spec)
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        if "name" not in spec:
+            raise ValueError(f"a quantizer spec dict needs a 'name' key, got {spec!r}")
+        return quantizers.get(spec.pop("name"), **spec)
+    raise ValueError(f"cannot make a quantizer from {spec!r}: give a name, a dict with 'name', or None")
+
+
+def wrap_integer(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Two's-complement wrap of (integer-valued) z into [-2^(bits-1), 2^(bits-1) - 1]."""
+    half = 2 ** (bits - 1)
+    return torch.remainder(z + half, 2 * half) - half
+
+
+class _WrapSTE(torch.autograd.Function):
+    """Cyclic overflow in the forward, identity in the backward (WrapNet)."""
+
+    @staticmethod
+    def forward(z, bits):
+        return wrap_integer(z, bits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class BinaryMixin:
+    """Shared machinery of the binarized layers; `_op(x, w, bias)` is the torch op of the twin."""
+
+    def _init_binary(self, weight_quantizer="bnn++", act_quantizer=None, scaling="layer", units="scaled",
+                     accumulator_bits=None):
+        _choice("scaling", scaling, SCALINGS)
+        _choice("units", units, UNITS)
+        _choice("accumulator_bits", accumulator_bits, ACCUMULATOR_BITS)
+        self.weight_quantizer = make_quantizer(weight_quantizer)
+        if self.weight_quantizer is None:
+            raise ValueError("a binarized layer needs a weight quantizer (use 'fp' for full precision)")
+        self.act_quantizer = make_quantizer(act_quantizer)
+        if accumulator_bits is not None and self.act_quantizer is None:
+            raise ValueError("accumulator_bits needs an activation quantizer: BWAA binarizes weights, "
+                             "activations and accumulators (use act_quantizer='bnn++' or another pair)")
+        self.scaling = scaling
+        self.units = units
+        self.accumulator_bits = accumulator_bits
+        self.honest = False
+        self.latent_forward = False  # set by pq / rpc / ptb: the training forward uses w* itself
+        self.register_buffer("frozen_scale", None)
+        self.register_buffer("overflow_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("accumulator_count", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def weight_scale(self) -> torch.Tensor:
+        """s, broadcastable to the weight and detached: 1, mean |w*|, or mean |w*| per output channel."""
+        w = self.weight
+        if self.frozen_scale is not None:
+            return self.frozen_scale
+        if self.scaling == "none":
+            return torch.ones((), dtype=w.dtype, device=w.device)
+        if self.scaling == "layer":
+            return w.detach().abs().mean().clamp_min(_EPS)
+        dims = tuple(range(1, w.dim()))
+        return w.detach().abs().mean(dim=dims, keepdim=True).clamp_min(_EPS)
+
+    def unit_weight(self) -> torch.Tensor:
+        """The weight in units of s (+-1 when binary), with the pair's autograd in training."""
+        s = self.weight_scale()
+        w = self.weight
+        if self.honest:
+            return self.weight_quantizer.binarize(w / s)
+        if self.latent_forward:
+            return w / s
+        if self.units == "scaled":
+            return self.weight_quantizer(w / s)
+        return self.weight_quantizer(w)
+
+    def effective_weight(self) -> torch.Tensor:
+        """What the op sees: s times the unit weight."""
+        return self.weight_scale() * self.unit_weight()
+
+    def soft_fraction(self) -> float:
+        """Share of weights whose training-forward value lies more than 1% of s away from +-s."""
+        with torch.no_grad():
+            u = self.unit_weight()
+            return float(((u.abs() - 1.0).abs() > 0.01).double().mean())
+
+    # -- activations -------------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.act_quantizer
+        if q is None:
+            return x
+        return q.binarize(x) if self.honest else q(x)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantize_input(x)
+        if self.accumulator_bits is None:
+            return self._op(x, self.effective_weight(), self.bias)
+        acc = self._op(x, self.unit_weight(), None)
+        with torch.no_grad():
+            half = 2 ** (self.accumulator_bits - 1)
+            self.overflow_count += ((acc < -half) | (acc > half - 1)).sum().double()
+            self.accumulator_count += acc.numel()
+        acc = _WrapSTE.apply(acc, self.accumulator_bits)
+        s = self.weight_scale()
+        out = acc * self._channel_view(s, acc)
+        if self.bias is not None:
+            out = out + self._channel_view(self.bias, acc)
+        return out
+
+    def _channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Put a per-output-channel vector where the op's output keeps its channels."""
+        if v.numel() == 1:
+            return v.reshape(())
+        if isinstance(self, nn.Conv2d):  # N, C, H, W
+            return v.reshape(1, -1, 1, 1)
+        return v.reshape(-1)  # linear: channels last
+
+    @property
+    def overflow_rate(self) -> float:
+        n = float(self.accumulator_count)
+        return float(self.overflow_count) / n if n else 0.0
+
+    def reset_overflow(self) -> None:
+        self.overflow_count.zero_()
+        self.accumulator_count.zero_()
+
+    def binary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signs in {-1, +1}, scale s) of the honest binarized weight s sign(w*)."""
+        with torch.no_grad():
+            return qfn.sign(self.weight), self.weight_scale().expand(self._scale_shape()).clone()
+
+    def _scale_shape(self) -> tuple[int, ...]:
+        if self.scaling == "channel":
+            return (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+        return ()
+
+    def binary_config(self) -> dict:
+        """The layer's binarization settings, serialisable (export manifest, MLflow params)."""
+        return {
+            "weight_quantizer": self.weight_quantizer.state(),
+            "act_quantizer": None if self.act_quantizer is None else self.act_quantizer.state(),
+            "scaling": self.scaling,
+            "units": self.units,
+            "accumulator_bits": self.accumulator_bits,
+        }
+
+    def extra_repr(self) -> str:
+        act = self.act_quantizer.name if self.act_quantizer is not None else None
+        return (f"{super().extra_repr()}, w={self.weight_quantizer.name}, a={act}, scaling={self.scaling}, "
+                f"units={self.units}, acc_bits={self.accumulator_bits}")
+
+
+def _copy_params(dst: nn.Module, src: nn.Module) -> None:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+
+
+class BinaryConv2d(BinaryMixin, nn.Conv2d):
+    """nn.Conv2d with binarized weights (and optionally activations / 8-bit accumulators)."""
+
+    def __init__(self, *args, weight_quantizer="bnn++", act_quantizer=None, scaling="layer", units="scaled",
+                 accumulator_bits=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_binary(weight_quantizer, act_quantizer, scaling, units, accumulator_bits)
+
+    def _op(self, x, w, bias):
+        return self._conv_forward(x, w, bias)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **spec) -> BinaryConv2d:
+        if type(conv) is not nn.Conv2d:
+            raise ValueError(f"BinaryConv2d.from_float needs an nn.Conv2d, got {type(conv).__name__}")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype, **spec)
+        _copy_params(new, conv)
+        new.train(conv.training)
+        return new
+
+    def to_float(self, binarized: bool = False) -> nn.Conv2d:
+        """The torch twin with the latent weights (or, with binarized=True, the honest s sign(w*))."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, groups=self.groups,
+                         bias=self.bias is not None, padding_mode=self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+        _copy_params(conv, self)
+        if binarized:
+            signs, s = self.binary_weight()
+            with torch.no_grad():
+                conv.weight.copy_(signs * s)
+        return conv
+
+
+class BinaryLinear(BinaryMixin, nn.Linear):
+    """nn.Linear with binarized weights (and optionally activations / 8-bit accumulators)."""
+
+    def __init__(self, in_features, out_features, bias=True, *, weight_quantizer="bnn++", act_quantizer=None,
+                 scaling="layer", units="scaled", accumulator_bits=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_binary(weight_quantizer, act_quantizer, scaling, units, accumulator_bits)
+
+    def _op(self, x, w, bias):
+        return F.linear(x, w, bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **spec) -> BinaryLinear:
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"BinaryLinear.from_float needs an nn.Linear, got {type(linear).__name__}")
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  device=linear.weight.device, dtype=linear.weight.dtype, **spec)
+        _copy_params(new, linear)
+        new.train(linear.training)
+        return new
+
+    def to_float(self, binarized: bool = False) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        _copy_params(lin, self)
+        if binarized:
+            signs, s = self.binary_weight()
+            with torch.no_grad():
+                lin.weight.copy_(signs * s)
+        return lin
+
+
+BINARY_TYPES = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
+
+
+def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryMixin]]:
+    for name, m in model.named_modules():
+        if isinstance(m, BinaryMixin):
+            yield name, m
+
+
+def set_binary_eval(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every binarized layer to its honest binarized forward (or back)."""
+    for _, m in binary_layers(model):
+        m.honest = enabled
+    return model
+
+
+@contextlib.contextmanager
+def binary_eval(model: nn.Module):
+    """Context: honest binarized forward and eval mode; restores both on exit."""
+    was_training = model.training
+    previous = {name: m.honest for name, m in binary_layers(model)}
+    set_binary_eval(model, True)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for name, m in binary_layers(model):
+            m.honest = previous.get(name, False)
+        model.train(was_training)
+
+
+def set_progress(model: nn.Module, progress: float) -> None:
+    """Move every quantizer's schedules in the model to `progress` in [0, 1]."""
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.set_progress(progress)
+
+
+def set_latent_forward(model: nn.Module, enabled: bool) -> None:
+    """Training forward on w* itself (ProxQuant, reverse PC, PTB): see pcpp.quantizers.rules."""
+    for _, m in binary_layers(model):
+        m.latent_forward = enabled
+
+
+def overflow_rates(model: nn.Module, reset: bool = False) -> dict[str, float]:
+    out = {}
+    for name, m in binary_layers(model):
+        if m.accumulator_bits is not None:
+            out[name] = m.overflow_rate
+            if reset:
+                m.reset_overflow()
+    return out
+
+
+def mean_overflow_rate(model: nn.Module) -> float:
+    n = sum(float(m.accumulator_count) for _, m in binary_layers(model))
+    o = sum(float(m.overflow_count) for _, m in binary_layers(model))
+    return o / n if n else 0.0
+
+
+def soft_fraction(model: nn.Module) -> float:
+    """Share of all binarized weights whose training-forward value is > 1% of s away from +-s."""
+    total, soft = 0, 0.0
+    for _, m in binary_layers(model):
+        n = m.weight.numel()
+        soft += m.soft_fraction() * n
+        total += n
+    return soft / total if total else 0.0
+
+
+def binary_signs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """sign(w*) of every binarized layer, packed as bool, for flip ratios between epochs."""
+    return {name: (m.weight.detach() >= 0).cpu().clone() for name, m in binary_layers(model)}
+
+
+def flip_ratio(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    total = sum(v.numel() for v in before.values())
+    flips = sum(int((before[k] != after[k]).sum()) for k in before)
+    return flips / total if total else 0.0
+
+
+def binarized_params(model: nn.Module) -> list[nn.Parameter]:
+    """The latent weights the update rules act on."""
+    return [m.weight for _, m in binary_layers(model)]
+
+
+def scale_of(model: nn.Module):
+    """`scale_of(p)` for the update rules: the scale of the layer that owns latent weight p."""
+    owners = {id(m.weight): m for _, m in binary_layers(model)}
+
+    def scale(p):
+        m = owners[id(p)]
+        return m.weight_scale() if m.units == "scaled" else 1.0
+
+    return scale
