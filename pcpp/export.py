@@ -55,6 +55,7 @@ class LayerSize:
     binary_params: int
     fp_params: int
     bytes: int
+    scales: int = 0  # fp32 scales that binarization adds (not part of the fp32 model)
 
 
 @dataclass
@@ -78,7 +79,8 @@ class SizeSummary:
 
     @property
     def fp32_bytes(self) -> int:
-        return 4 * (self.binary_params + self.fp_params)
+        """Size of the float model: every stored tensor at 4 bytes per value (no scales)."""
+        return sum(4 * (r.binary_params + r.fp_params) for r in self.rows)
 
     @property
     def ratio(self) -> float:
@@ -123,7 +125,7 @@ def size_summary(model: nn.Module) -> SizeSummary:
         if layer is not None and key == f"{owner}.weight":
             row.binary_params += t.numel()
             n_scales = t.shape[0] if layer.scaling == "channel" else 1
-            row.fp_params += n_scales
+            row.scales += n_scales
             row.bytes += math.ceil(t.numel() / 8) + 4 * n_scales
         else:
             if t.is_floating_point():

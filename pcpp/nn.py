@@ -17,6 +17,7 @@ two's complement; the gradient passes straight through the wrap. Layers count th
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -40,8 +41,10 @@ def _choice(what: str, value, valid) -> None:
 
 def make_quantizer(spec) -> Quantizer | None:
     """A Quantizer from a name, a {'name': .., params..} dict, a Quantizer (copied state), or None."""
-    if spec is None or isinstance(spec, Quantizer):
-        return spec
+    if spec is None:
+        return None
+    if isinstance(spec, Quantizer):
+        return copy.deepcopy(spec)  # one instance per layer: schedules and ReAct's beta are per layer
     if isinstance(spec, str):
         return quantizers.get(spec)
     if isinstance(spec, dict):
@@ -294,7 +297,7 @@ def set_binary_eval(model: nn.Module, enabled: bool = True) -> nn.Module:
 @contextlib.contextmanager
 def binary_eval(model: nn.Module):
     """Context: honest binarized forward and eval mode; restores both on exit."""
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     previous = {name: m.honest for name, m in binary_layers(model)}
     set_binary_eval(model, True)
     model.eval()
@@ -303,7 +306,8 @@ def binary_eval(model: nn.Module):
     finally:
         for name, m in binary_layers(model):
             m.honest = previous.get(name, False)
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def set_progress(model: nn.Module, progress: float) -> None:

@@ -144,17 +144,11 @@ def add_attention_norm(attn: nn.Module) -> None:
     attn.register_forward_hook(_apply_extra_norm)
 
 
-def _add_attention_norms(model: nn.Module) -> list[str]:
-    added = []
-    for name, m in model.named_modules():
-        proj = getattr(m, "proj", None)
-        if "attention" in type(m).__name__.lower() and isinstance(proj, nn.Linear) and not hasattr(m, "extra_norm"):
-            add_attention_norm(m)
-            added.append(name)
-    if not added:
-        raise ValueError(f"extra_layernorm=True but {type(model).__name__} has no attention block with a "
-                         "'proj' Linear (ViT / DeiT / Swin style); set extra_layernorm=False")
-    return added
+def _attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Attention modules (ViT / DeiT / Swin) with an output `proj` Linear and no extra norm yet."""
+    return [(n, m) for n, m in model.named_modules()
+            if "attention" in type(m).__name__.lower() and isinstance(getattr(m, "proj", None), nn.Linear)
+            and not hasattr(m, "extra_norm")]
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -177,8 +171,8 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> Surg
             raise ValueError(f"pattern {pattern!r} matches no module of {type(model).__name__}; "
                              f"module names look like: {sample}, ...")
 
-    leaves = [(n, m) for n, m in model.named_modules()
-              if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+    leaves = [(n, m) for n, m in model.named_modules() if n and (isinstance(m, BinaryMixin) or (
+        not list(m.children()) and any(True for _ in m.parameters(recurse=False))))]
     first, head = _first_and_head(model, leaves)
 
     # An explicit include pattern (no wildcard) that names a layer of a type we cannot binarize is an error.
@@ -191,7 +185,12 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> Surg
             raise ValueError(f"cannot binarize {n} ({type(m).__name__}): surgery binarizes "
                              f"{', '.join(t.__name__ for t in BINARY_TYPES)} layers only")
 
-    rows = []
+    attention = _attention_blocks(model) if spec.extra_layernorm else []
+    if spec.extra_layernorm and not attention:
+        raise ValueError(f"extra_layernorm=True but {type(model).__name__} has no attention block with a "
+                         "'proj' Linear (ViT / DeiT / Swin style); set extra_layernorm=False")
+
+    rows, swaps = [], []
     for name, m in leaves:
         params = sum(p.numel() for p in m.parameters(recurse=False))
         kind = type(m).__name__
@@ -208,11 +207,16 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> Surg
         elif spec.keep_head and name == head:
             rows.append(ReportRow(name, kind, "kept (head)", params))
         else:
-            _set_module(model, name, BINARY_TYPES[type(m)].from_float(m, **spec.layer_kwargs()))
+            swaps.append((name, m))
             rows.append(ReportRow(name, kind, "binarized", params))
-    if not any(r.action == "binarized" for r in rows):
+    if not swaps and not any(r.action == "kept (already binarized)" for r in rows):
         raise ValueError(f"nothing to binarize in {type(model).__name__} with include={spec.include} "
                          f"exclude={spec.exclude}: no Conv2d / Linear layer left after the rules")
-    added = _add_attention_norms(model) if spec.extra_layernorm else []
+    # Everything is validated: only now is the model changed.
+    for name, m in swaps:
+        _set_module(model, name, BINARY_TYPES[type(m)].from_float(m, **spec.layer_kwargs()))
+    for _, attn in attention:
+        add_attention_norm(attn)
+    added = [n for n, _ in attention]
     model.pcpp_extra_norms = getattr(model, "pcpp_extra_norms", []) + added
     return SurgeryReport(rows, added, spec)

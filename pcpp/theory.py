@@ -133,7 +133,10 @@ def check(F, B=None, *, domain=(-3.0, 3.0), n: int = 60_000, free_slope: float =
     zero_b = np.abs(Bm) <= tol_b
     # Where B vanishes (or crosses zero) inside an interval, F's change there is no more than the
     # endpoints' B allows: the integrand is free, not infinite.
-    b_ends = np.maximum(np.abs(Bn[:-1]), np.abs(Bn[1:]))
+    # |B| over a few neighbouring nodes: a tabulated F (legitimize) may move up to one table step past
+    # the edge of B's support; a genuine jump of F where B = 0 is orders of magnitude larger.
+    absB = np.pad(np.abs(Bn), 3, mode="edge")
+    b_ends = np.max([absB[k: k + len(dF)] for k in range(1, 7)], axis=0)
     smooth = np.abs(dF) <= tol_f + 1.01 * h * b_ends
     crossing = (Bn[:-1] * Bn[1:] < 0) & smooth
     free = (zero_b & smooth) | crossing
@@ -192,7 +195,7 @@ class Legitimized(Quantizer):
     def params(self) -> dict[str, float]:
         return self.source_quantizer.params if self.source_quantizer is not None else {}
 
-    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = tuple(sorted(self.params.items()))
         if key not in self._tables:
             self._tables = {key: _primitive(self._backward, self.label)}
@@ -202,8 +205,14 @@ class Legitimized(Quantizer):
         return self._backward(w)
 
     def F(self, w):
-        xs, fs = self._table()
-        return _interp(w, xs, fs)
+        # Trapezoid from the table node below w, with B evaluated at w itself: F stays exactly flat
+        # wherever B vanishes, so the pair passes Corollary 1's test at the edges of B's support.
+        xs, fs, bs = self._table()
+        x = w.detach().to(torch.float64).clamp(xs[0], xs[-1])
+        i = (torch.searchsorted(xs.to(x.device), x, right=True) - 1).clamp(0, len(xs) - 1)
+        x0 = xs.to(x.device)[i]
+        out = fs.to(x.device)[i] + 0.5 * (bs.to(x.device)[i] + self._backward(x).double()) * (x - x0)
+        return out.to(w.dtype)
 
     def forward(self, w):
         return _Pair.apply(w, lambda x: self.F(x), lambda x: self.B(x), {})
@@ -228,7 +237,7 @@ def _primitive(B: ArrayFn, label: str, h_min: float = 1e-4, max_points: int = 1 
     bs = B(xs).double()
     steps = 0.5 * (bs[1:] + bs[:-1]) * (xs[1:] - xs[:-1])
     fs = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)]) - 1.0
-    return xs, fs
+    return xs, fs, bs
 
 
 def legitimize(q: Quantizer | str | ArrayFn, **params) -> Legitimized:
@@ -237,4 +246,6 @@ def legitimize(q: Quantizer | str | ArrayFn, **params) -> Legitimized:
         q = get_quantizer(q, **params)
     elif params:
         raise ValueError(f"parameters {sorted(params)} are only accepted with a quantizer name")
-    return Legitimized(q)
+    legit = Legitimized(q)
+    legit._table()  # fails now, not at first use, when B has no bounded primitive
+    return legit

@@ -65,6 +65,32 @@ def cmd_check(args) -> int:
     return 0 if verdict.admissible or not args.strict else 1
 
 
+def cmd_prepare(args) -> int:
+    from stages.data import prepare
+
+    manifest = prepare(args.src, args.out, shard_size=args.shard_size, skip_corrupt=args.skip_corrupt)
+    skipped = manifest.get("skipped") or []
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['num_samples']} images, "
+          f"{len(manifest['classes'])} classes to {args.out}" + (f" ({len(skipped)} corrupt skipped)" if skipped else ""))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from stages.config import load_config
+    from stages.engine import fit
+
+    cfg = load_config(args.config, args.overrides)
+    result = fit(cfg, run_dir=args.run_dir)
+    m = result.metrics
+    if result.ok:
+        print(f"{cfg.name}: finished {result.epochs_done} epochs: binary acc {m.get('binary_acc', 0):.4f}, "
+              f"training-forward acc {m.get('forward_acc', 0):.4f}; run dir {result.run_dir}; "
+              f"MLflow run {result.run_id}")
+        return 0
+    print(f"{cfg.name}: {result.message} (run dir {result.run_dir}, MLflow run {result.run_id})", file=sys.stderr)
+    return 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcpp", description="ProxConnect++ binarization pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="draw F, B and P side by side into this PNG")
     p.add_argument("--strict", action="store_true", help="exit 1 when the pair is not admissible")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("prepare", help="image folder / tar / CIFAR batches -> webdataset shards + manifest")
+    p.add_argument("src", help="ImageFolder tree, a tar of one, or a CIFAR python-batch directory")
+    p.add_argument("out", help="output shard directory")
+    p.add_argument("--shard-size", type=int, default=5000, help="images per shard (default 5000)")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable images (counted) instead of failing")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="one training run (FT or E2E) from a YAML config, on Ray Train + DeepSpeed")
+    p.add_argument("config", help="YAML training config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
+    p.add_argument("--run-dir", help="run directory (default: under tracking.run_root); a rerun resumes it")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -92,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"pcpp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

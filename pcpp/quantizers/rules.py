@@ -111,6 +111,10 @@ class ReversePC(UpdateRule):
         for p in params:
             _apply_scaled(p, scale_of, lambda x: fn.prox_linear(x, v["rho"], v["varrho"]))
 
+    def finalize(self, params, scale_of=None):
+        """The point rPC evaluates is L_rho(w*) at the final rho (sign for rho >= 1), not the last step."""
+        self.before_step(params, 1.0, scale_of)
+
 
 @_register
 class PostTraining(UpdateRule):

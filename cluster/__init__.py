@@ -1,0 +1,1 @@
+"""Cluster glue: DeepSpeed configs, local loopback Ray helpers, MLflow store defaults."""

@@ -1,0 +1,247 @@
+"""Bit-packed export (`pcpp.export`): packing, file size against an ideal computed here, exact round trip.
+
+The ideal size is recomputed independently: 1 bit per binarized weight, rounded up to whole bytes per
+layer, + 4 bytes per fp32 scale (one per layer, or one per output channel) + the bytes of every other
+state-dict tensor. Run with `-s` to see the size ratios to fp32.
+"""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import pcpp.nn as pnn
+from pcpp import export, models
+from pcpp.nn import BinaryMixin, binary_eval
+from pcpp.surgery import binarize_
+
+pytestmark = pytest.mark.unit
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+TEACHER = SHARED / "teachers" / "resnet20-cifar10.th"
+DEIT = dict(img_size=32, patch_size=4, num_classes=10)
+
+
+def ideal_bytes(model: nn.Module) -> int:
+    binary = {n: m for n, m in model.named_modules() if isinstance(m, BinaryMixin)}
+    total = 0
+    for key, t in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in binary and leaf == "weight":
+            scales = t.shape[0] if binary[owner].scaling == "channel" else 1
+            total += math.ceil(t.numel() / 8) + 4 * scales
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def randomize_fp_extras(model: nn.Module) -> None:
+    """Give norms / ReAct betas values no default init has, so a store that drops them shows."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("beta") or ".extra_norm." in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if name.endswith("norm.weight") else 0.0))
+
+
+def check_two_values_per_group(model: nn.Module, original: nn.Module) -> None:
+    """Every binarized weight takes exactly the values {-s, +s} in each scale group, s = mean |w*|."""
+    binary = dict(pnn.binary_layers(original))
+    for name, layer in pnn.binary_layers(model):
+        w = layer.weight.detach()
+        latent = binary[name].weight.detach()
+        if layer.scaling == "channel":
+            groups = zip(w.reshape(w.shape[0], -1), latent.reshape(w.shape[0], -1), strict=True)
+        else:
+            groups = [(w.reshape(-1), latent.reshape(-1))]
+        for g, lat in groups:
+            s = lat.abs().mean()
+            assert torch.equal(g.unique(), torch.stack([-s, s])), name
+            assert torch.equal(g > 0, lat >= 0), name
+
+
+def round_trip(model: nn.Module, x: torch.Tensor, path: Path, name: str):
+    summary = export.save(model, path)
+    assert path.is_file() and export.manifest_path(path).is_file()
+    ideal = ideal_bytes(model)
+    assert summary.ideal_bytes == ideal
+    assert summary.file_bytes == path.stat().st_size
+    assert abs(summary.file_bytes - ideal) <= 0.02 * ideal, (summary.file_bytes, ideal)
+    assert summary.binary_params == sum(m.weight.numel() for _, m in pnn.binary_layers(model))
+
+    with binary_eval(model):
+        expected = model(x)
+    loaded = export.load(path)
+    assert not loaded.training
+    assert set(dict(pnn.binary_layers(loaded))) == set(dict(pnn.binary_layers(model)))
+    assert torch.equal(loaded(x), expected)
+    check_two_values_per_group(loaded, model)
+    print(
+        f"\n{name}: fp32 {summary.fp32_bytes:,} B -> file {summary.file_bytes:,} B "
+        f"(ideal {ideal:,} B): {summary.ratio:.1f}x smaller"
+    )
+    return summary, loaded
+
+
+@pytest.fixture(scope="module")
+def resnet20_teacher():
+    assert TEACHER.is_file(), f"teacher checkpoint missing: {TEACHER}"
+    return models.create("resnet20", pretrained_file=TEACHER)
+
+
+@pytest.fixture(scope="module")
+def deit_t():
+    torch.manual_seed(0)
+    model = models.create("deit_tiny_patch16_224", **DEIT)
+    binarize_(model, {"extra_layernorm": True})
+    randomize_fp_extras(model)
+    return model.eval()
+
+
+# ---- packing --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 16, 17, 63, 64, 1001, 4096])
+def test_pack_unpack_round_trip(n):
+    gen = torch.Generator().manual_seed(n)
+    signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    packed = export.pack_signs(signs)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8)
+    assert torch.equal(export.unpack_signs(packed, n), signs)
+
+
+def test_pack_bit_order_and_shapes():
+    signs = torch.tensor([1.0, -1, -1, -1, -1, -1, -1, -1, 1, 1])  # MSB first, 1 means +1
+    assert export.pack_signs(signs).tolist() == [0b1000_0000, 0b1100_0000]
+    w = torch.where(torch.randn(4, 3, 3, 3) >= 0, 1.0, -1.0)
+    assert torch.equal(export.unpack_signs(export.pack_signs(w), w.numel()).reshape(w.shape), w)
+    with pytest.raises(ValueError):
+        export.unpack_signs(torch.zeros(2, dtype=torch.uint8), 17)
+
+
+# ---- round trips --------------------------------------------------------------------------------------------
+
+
+def test_resnet20_bw(tmp_path, resnet20_teacher):
+    model = copy.deepcopy(resnet20_teacher)
+    binarize_(model)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    summary, _ = round_trip(model, x, tmp_path / "r20.safetensors", "ResNet-20 BW")
+    assert summary.ratio > 10
+
+
+def test_resnet20_bwa_react_channel(tmp_path, resnet20_teacher):
+    model = copy.deepcopy(resnet20_teacher)
+    binarize_(model, {"activation": {"name": "react", "learnable_beta": True}, "scaling": "channel"})
+    randomize_fp_extras(model)
+    assert sum(n.endswith("act_quantizer.beta") for n, _ in model.named_parameters()) == 18
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, loaded = round_trip(model, x, tmp_path / "r20-bwa.safetensors", "ResNet-20 BWA (react, channel)")
+    for name, layer in pnn.binary_layers(loaded):
+        original = model.get_submodule(name)
+        assert torch.equal(layer.act_quantizer.beta, original.act_quantizer.beta)
+        assert layer.binary_config() == original.binary_config()
+
+
+def test_deit_t_extra_layernorm(tmp_path, deit_t):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, loaded = round_trip(deit_t, x, tmp_path / "deit.safetensors", "DeiT-T (32x32) BW + extra LayerNorm")
+    norms = [n for n, _ in loaded.named_modules() if n.endswith("extra_norm")]
+    assert len(norms) == 12
+    for n in norms:
+        assert torch.equal(loaded.get_submodule(n).weight, deit_t.get_submodule(n).weight)
+
+
+def test_vit_b_size_summary_on_meta():
+    with torch.device("meta"):
+        model = models.create("vit_base_patch16_224")
+    binarize_(model)
+    summary = export.size_summary(model)
+    assert summary.ideal_bytes == ideal_bytes(model)
+    fp32 = 4 * sum(t.numel() for t in model.state_dict().values())
+    print(
+        f"\nViT-B/16 BW (meta): fp32 {fp32 / 2**20:.1f} MiB -> {summary.ideal_bytes / 2**20:.1f} MiB (ideal): "
+        f"{summary.ratio:.1f}x smaller"
+    )
+    assert summary.ratio > 15
+
+
+@pytest.mark.parametrize("scaling", ["layer", "channel"])
+def test_fp32_size_is_the_float_models_size(resnet20_teacher, scaling):
+    # The baseline of the ratio is the full-precision model: its floating tensors at 4 bytes each.
+    # The binarized layers' scales are part of the packed format, not of the fp32 model.
+    model = copy.deepcopy(resnet20_teacher)
+    fp32 = 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    binarize_(model, {"scaling": scaling})
+    summary = export.size_summary(model)
+    assert summary.fp32_bytes == fp32
+    assert summary.ratio == pytest.approx(fp32 / ideal_bytes(model))
+
+
+def test_manifest_contents(tmp_path, resnet20_teacher):
+    model = copy.deepcopy(resnet20_teacher)
+    binarize_(model, {"weight": "bnn", "activation": "bnn++", "accumulator_bits": 8})
+    path = tmp_path / "m.safetensors"
+    export.save(model, path)
+    manifest = json.loads(export.manifest_path(path).read_text())
+    assert manifest["recipe"]["name"] == "resnet20"
+    assert set(manifest["layers"]) == set(dict(pnn.binary_layers(model)))
+    layer = manifest["layers"]["layer1.0.conv1"]
+    assert layer["weight_quantizer"]["name"] == "bnn" and layer["accumulator_bits"] == 8
+    assert {e["key"] for e in manifest["layout"]} == set(model.state_dict())
+    loaded = export.load(path)
+    assert all(m.accumulator_bits == 8 for _, m in pnn.binary_layers(loaded))
+
+
+# ---- damaged or missing files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path, resnet20_teacher):
+    model = copy.deepcopy(resnet20_teacher)
+    binarize_(model)
+    path = tmp_path / "r20.safetensors"
+    export.save(model, path)
+    return path
+
+
+def test_corrupt_file(exported):
+    data = bytearray(exported.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    exported.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="r20.safetensors"):
+        export.load(exported)
+
+
+def test_truncated_file(exported):
+    data = exported.read_bytes()
+    exported.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="r20.safetensors"):
+        export.load(exported)
+
+
+def test_truncated_file_without_verification(exported):
+    data = exported.read_bytes()
+    exported.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="r20.safetensors"):
+        export.load(exported, verify=False)
+
+
+def test_missing_manifest(exported):
+    export.manifest_path(exported).unlink()
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        export.load(exported)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        export.load(tmp_path / "nothing.safetensors")
+
+
+def test_save_needs_a_binarized_model(tmp_path, resnet20_teacher):
+    with pytest.raises(ValueError, match="binarize_"):
+        export.save(copy.deepcopy(resnet20_teacher), tmp_path / "plain.safetensors")

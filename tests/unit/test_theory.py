@@ -1,0 +1,230 @@
+"""Corollaries 1 and 2 (paper section 3.1, Appendix C): `check` verdicts, recovered T and P, `legitimize`."""
+
+import numpy as np
+import pytest
+import torch
+
+from pcpp import quantizers
+from pcpp.quantizers import get, names
+from pcpp.theory import Verdict, check, legitimize
+
+pytestmark = pytest.mark.unit
+
+NAMES = names()
+PROGRESS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+# DESIGN.md's expected verdicts (Corollary 1), at every progress
+ADMISSIBLE = {
+    "fp": True, "bc": True, "pc": True, "bnn": True, "bnn+": False, "bnn++": True,
+    "poly": False, "poly+": True, "rbnn": False, "ede": False, "ede+": True, "react": True,
+}
+ADMISSIBLE_NAMES = [n for n in NAMES if ADMISSIBLE[n]]
+
+
+def test_expected_verdicts_cover_the_registry():
+    assert set(ADMISSIBLE) == set(NAMES)
+
+
+@pytest.mark.parametrize("progress", PROGRESS)
+@pytest.mark.parametrize("name", NAMES)
+def test_verdict(name, progress):
+    v = check(name, progress=progress)
+    assert isinstance(v, Verdict)
+    assert v.admissible is ADMISSIBLE[name], str(v)
+    assert bool(v) is ADMISSIBLE[name]
+    # a reason a person can read: a sentence, not a code
+    assert isinstance(v.reason, str) and len(v.reason.split()) >= 5
+    text = str(v)
+    assert name in text and ("NOT admissible" in text) is (not ADMISSIBLE[name])
+    # the verdict records the parameters it was taken at
+    assert v.params == get(name).set_progress(progress).params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_check_accepts_a_built_quantizer(name):
+    q = get(name).set_progress(0.5)
+    assert check(q).admissible is ADMISSIBLE[name]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not ADMISSIBLE[n]])
+def test_not_admissible_has_no_T_or_P(name):
+    v = check(name)
+    with pytest.raises(ValueError, match="not admissible"):
+        v.P(0.5)
+    with pytest.raises(ValueError, match="not admissible"):
+        v.T(0.5)
+
+
+def _eq9(w, mu):
+    """The paper's eq. (9): BNN's proximal quantizer."""
+    return np.where(np.abs(w) > 1, w / mu + np.sign(w) * (1 - 1 / mu), np.sign(w))
+
+
+@pytest.mark.parametrize("mu", [2.0, 4.0])
+def test_bnn_recovers_eq_8_and_9(mu):
+    v = check("bnn", free_slope=1.0 / mu)
+    assert v.admissible
+    w = np.linspace(-3, 3, 60_001)
+    w = w[(np.abs(w) > 1e-3) & (np.abs(np.abs(w) - 1) > 1e-3)]
+    np.testing.assert_allclose(v.P(w), _eq9(w, mu), atol=1e-4)
+    # eq. (8): T is the hard tanh, on the whole range of P (including the jump's gap (-1, 1))
+    lo, hi = v.P_values.min(), v.P_values.max()
+    assert lo == pytest.approx(-1 - 2 / mu, abs=1e-3) and hi == pytest.approx(1 + 2 / mu, abs=1e-3)
+    p = np.linspace(lo, hi, 10_001)
+    np.testing.assert_allclose(v.T(p), np.clip(p, -1, 1), atol=1e-4)
+
+
+def _away_from_jumps(q, w):
+    """Drop points within 1e-3 of a jump of F (T o P is only defined up to the jump's gap there)."""
+    eps = 1e-3
+    Fl, Fr = q.F(torch.from_numpy(w - eps)), q.F(torch.from_numpy(w + eps))
+    return w[(Fr - Fl).abs().numpy() < 0.5]
+
+
+@pytest.mark.parametrize("progress", PROGRESS)
+@pytest.mark.parametrize("name", ADMISSIBLE_NAMES)
+def test_T_of_P_is_F(name, progress):
+    q = get(name).set_progress(progress)
+    v = check(q)
+    rng = np.random.default_rng(0)
+    w = _away_from_jumps(q, rng.uniform(-2.9, 2.9, 5000))
+    np.testing.assert_allclose(v.T(v.P(w)), q.F(torch.from_numpy(w)).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("progress", PROGRESS)
+@pytest.mark.parametrize("name", ADMISSIBLE_NAMES)
+def test_P_is_monotone(name, progress):
+    v = check(name, progress=progress)
+    assert np.all(np.diff(v.P_values) >= -1e-12)
+    assert v.P_values[-1] > v.P_values[0]
+
+
+@pytest.mark.parametrize("name", ["fp", "bnn++", "poly+", "ede+"])
+def test_corollary_2_pairs_have_identity_P(name):
+    """B = F' makes P(w) = w (Corollary 2), up to the constant fixed by P(0) = 0."""
+    if name not in NAMES:
+        pytest.fail(f"{name} is no longer registered")
+    v = check(name, progress=0.3)
+    w = np.linspace(-2.5, 2.5, 501)
+    # poly+ has B = 0 outside |k w| <= 1, where P is free (slope 1 by default): still w
+    np.testing.assert_allclose(v.P(w), w, atol=1e-3)
+
+
+# ---- Corollary 2: legitimize --------------------------------------------------------------------------
+
+W = torch.linspace(-3, 3, 6001, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mu", [5.0, 30.0])
+def test_legitimize_bnn_plus_is_bnn_plus_plus(mu):
+    L = legitimize("bnn+", mu=mu)
+    q = get("bnn++", mu=mu)
+    assert (L.F(W) - q.F(W)).abs().max().item() < 1e-4
+    assert torch.equal(L.B(W), q.B(W))
+
+
+def test_legitimize_poly_is_poly_plus_at_k_1():
+    L = legitimize("poly")
+    assert (L.F(W) - get("poly+", k=1.0).F(W)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 10.0])
+def test_legitimize_ede_is_ede_plus_for_t_at_least_1(t):
+    # k = max(1/t, 1) = 1: the primitive of t (1 - tanh^2(t w)) from F(-inf) = -1 is tanh(t w), EDE+'s F
+    L = legitimize("ede", t=t)
+    assert (L.F(W) - get("ede+", t=t).F(W)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5])
+def test_legitimize_ede_for_t_below_1(t):
+    """k = 1/t > 1: the primitive normalised to F(-inf) = -1 is k tanh(t w) + k - 1.
+
+    EDE+ in the registry is k tanh(t w) (odd, F(0) = 0): the two differ by the constant k - 1, which
+    Corollary 2 allows (T is defined up to a constant); legitimize fixes it by F(-inf) = -1, so its F runs
+    from -1 to 2k - 1 and F(0) = k - 1.
+    """
+    k = 1.0 / t
+    L = legitimize("ede", t=t)
+    expected = k * torch.tanh(t * W) + k - 1
+    assert (L.F(W) - expected).abs().max().item() < 1e-4
+    assert (L.F(W) - (get("ede+", t=t).F(W) + k - 1)).abs().max().item() < 1e-4
+
+
+def test_legitimize_follows_progress():
+    L = legitimize("ede")
+    for p in (0.0, 1.0, 0.0):
+        L.set_progress(p)
+        t = 0.1 * 100.0**p
+        k = max(1.0 / t, 1.0)
+        assert (L.F(W) - (k * torch.tanh(t * W) + k - 1)).abs().max().item() < 1e-4
+
+
+def _vanishes_at_infinity(q) -> bool:
+    return bool(torch.all(q.B(torch.tensor([-1e4, 1e4], dtype=torch.float64)) == 0))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not ADMISSIBLE[n]])
+def test_legitimize_repairs_the_inadmissible_pairs(name):
+    # every pair the paper rejects has a B of bounded support: Corollary 2 applies to it
+    assert _vanishes_at_infinity(get(name))
+    assert check(legitimize(name)).admissible
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name", NAMES)
+def test_legitimized_pairs_are_admissible(name, progress):
+    """Corollary 2: (int B, B) is admissible whenever B vanishes at +-inf; otherwise legitimize refuses."""
+    if not _vanishes_at_infinity(get(name).set_progress(progress)):
+        with pytest.raises(ValueError, match="unbounded"):
+            legitimize(name).set_progress(progress).F(W)
+        return
+    L = legitimize(name).set_progress(progress)
+    assert L.F(torch.tensor([-1e4], dtype=torch.float64)).item() == pytest.approx(-1.0, abs=1e-9)  # F(-inf)
+    v = check(L)
+    assert v.admissible, str(v)
+
+
+def test_legitimize_callable():
+    L = legitimize(lambda w: (w.abs() <= 1).to(w.dtype))  # primitive from -1: the hard tanh
+    assert (L.F(W) - W.clamp(-1, 1)).abs().max().item() < 2e-4
+    v = check(L)
+    assert v.admissible, str(v)
+
+
+def test_legitimized_pair_applies_with_autograd():
+    L = legitimize("bnn+", mu=5.0)
+    w = torch.linspace(-2, 2, 101, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(101, dtype=torch.float64)
+    y = L(w)
+    torch.testing.assert_close(y.detach(), L.F(w.detach()))
+    y.backward(upstream)
+    torch.testing.assert_close(w.grad, upstream * L.B(w.detach()))
+
+
+def test_legitimize_fp_refused():
+    # B = 1 does not vanish at +-inf: the primitive is unbounded, Corollary 2 does not apply. The refusal
+    # belongs to legitimize itself, not to the first later call of F.
+    with pytest.raises(ValueError, match="unbounded"):
+        legitimize("fp")
+    with pytest.raises(ValueError, match="unbounded"):
+        legitimize(lambda w: torch.ones_like(w))
+
+
+def test_legitimize_refuses_parameters_with_a_built_quantizer():
+    with pytest.raises(ValueError):
+        legitimize(get("bnn+"), mu=3.0)
+
+
+def test_custom_pair_with_B_zero_under_a_jump():
+    v = check(quantizers.sign, lambda w: (w.abs() > 0.5).to(w.dtype))
+    assert not v.admissible
+    assert "B = 0" in v.reason
+
+
+def test_check_bad_input():
+    with pytest.raises(ValueError, match="valid"):
+        check("nope")
+    with pytest.raises(ValueError, match="callable"):
+        check(42)
+    with pytest.raises(ValueError, match="domain"):
+        check("bnn", domain=(0.5, 3.0))
