@@ -30,7 +30,8 @@ def ensure_ray(num_cpus: int | None = None):
         ray.init(address=os.environ["RAY_ADDRESS"] if "://" not in os.environ["RAY_ADDRESS"] else "auto",
                  runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+        # address="local": always a fresh loopback instance, never a cluster someone else started here.
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
                  _node_ip_address=LOOPBACK, runtime_env=runtime_env, log_to_driver=True)
     return ray
 

@@ -193,7 +193,12 @@ def train_worker(config: dict) -> None:
 
         client = MlflowClient(config["tracking_uri"])
 
-    status, message, metrics = "finished", "", {}
+    status, message = "finished", ""
+    history = run_dir / "epochs.jsonl"
+    # A rerun of a finished (or interrupted) run reports the metrics of its last completed epoch.
+    metrics = json.loads(history.read_text().splitlines()[-1]) if history.exists() and start_epoch else {}
+    metrics.pop("epoch", None)
+    progress = min(step / max(total_steps - 1, 1), 1.0)
     for epoch in range(start_epoch, cfg.optim.epochs):
         train_loader.set_epoch(epoch)
         signs_before = pnn.binary_signs(engine.module)
@@ -203,7 +208,7 @@ def train_worker(config: dict) -> None:
         loss_sum = correct = seen = 0.0
         diverged = False
         for x, y in train_loader:
-            progress = min(step / max(total_steps, 1), 1.0)
+            progress = min(step / max(total_steps - 1, 1), 1.0)  # the last step runs at the schedules' end
             pnn.set_progress(engine.module, progress)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr_at(cfg, progress)
@@ -249,7 +254,7 @@ def train_worker(config: dict) -> None:
         signs_after = pnn.binary_signs(engine.module)
         metrics = {
             "loss": loss_sum / max(seen, 1),
-            "lr": lr_at(cfg, min(step / max(total_steps, 1), 1.0)),
+            "lr": lr_at(cfg, progress),
             "train_forward_acc": correct / max(seen, 1),
             "binary_acc": b_correct / max(b_total, 1),
             "forward_acc": f_correct / max(f_total, 1),
@@ -258,7 +263,7 @@ def train_worker(config: dict) -> None:
             "overflow_rate": pnn.mean_overflow_rate(engine.module),
             "epoch_time_s": elapsed,
             "images_per_s": seen / max(elapsed, 1e-9),
-            **schedule_values(engine.module, rule, min(step / max(total_steps, 1), 1.0)),
+            **schedule_values(engine.module, rule, progress),
         }
         metrics["forward_binary_gap"] = metrics["forward_acc"] - metrics["binary_acc"]
         engine.save_checkpoint(str(ckpt_dir), tag=f"epoch-{epoch + 1:04d}",
@@ -267,17 +272,19 @@ def train_worker(config: dict) -> None:
             if client is not None:
                 for k, v in metrics.items():
                     client.log_metric(config["run_id"], k, float(v), step=epoch + 1)
-            (run_dir / "epochs.jsonl").open("a").write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
+            with history.open("a") as f:
+                f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
         ray.train.report({"epoch": epoch + 1, **metrics})
+        if config.get("fail_after_epoch") == epoch + 1:  # fault injection for the resume tests
+            raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 
     if rank == 0:
         final = run_dir / "final"
         final.mkdir(parents=True, exist_ok=True)
         if status == "finished":
             torch.save(engine.module.state_dict(), final / "model.pt")
-        done = sum(1 for _ in (run_dir / "epochs.jsonl").open()) if (run_dir / "epochs.jsonl").exists() else 0
         (run_dir / RESULT).write_text(json.dumps({"status": status, "message": message, "metrics": metrics,
-                                                  "epochs_done": done}))
+                                                  "epochs_done": _epochs_done(run_dir)}))
     if status == "diverged":
         ray.train.report({"diverged": 1.0})
 
@@ -331,9 +338,26 @@ def start_mlflow_run(cfg: TrainConfig, run_dir: Path, uri: str, parent_run_id: s
     return run_id
 
 
+def _failure_message(error: BaseException | None) -> str:
+    """One line: the error type and the innermost cause (Ray wraps worker errors in several layers)."""
+    if error is None:
+        return "failed: the workers ended without writing a result"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), lines[-1] if lines else "")
+    return f"failed: {type(error).__name__}: {cause}"
+
+
+def _epochs_done(run_dir: Path) -> int:
+    f = run_dir / "epochs.jsonl"
+    return sum(1 for _ in f.open()) if f.exists() else 0
+
+
 def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: str | None = None,
-        run_name: str | None = None, log_to_mlflow: bool = True) -> TrainResult:
-    """Run one training job on Ray Train; resumes from `run_dir`'s last checkpoint when there is one."""
+        run_name: str | None = None, log_to_mlflow: bool = True, fail_after_epoch: int | None = None) -> TrainResult:
+    """Run one training job on Ray Train; resumes from `run_dir`'s last checkpoint when there is one.
+
+    `fail_after_epoch` makes the workers raise after checkpointing that epoch (tests of resume).
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -359,7 +383,8 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
     d = cfg.distributed
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train": cfg.to_dict(), "run_dir": str(run_dir), "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={"train": cfg.to_dict(), "run_dir": str(run_dir), "run_id": run_id, "tracking_uri": uri,
+                           "fail_after_epoch": fail_after_epoch},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker=None if d.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
@@ -374,8 +399,8 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
     if result_file.exists():
         res = json.loads(result_file.read_text())
     else:
-        res = {"status": "failed", "message": f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
-               if error else "failed: no result written", "metrics": {}, "epochs_done": 0}
+        res = {"status": "failed", "message": _failure_message(error), "metrics": {},
+               "epochs_done": _epochs_done(run_dir)}
     if run_id is not None:
         from mlflow import MlflowClient
 

@@ -182,6 +182,27 @@ def test_fp32_size_is_the_float_models_size(resnet20_teacher, scaling):
     assert summary.ratio == pytest.approx(fp32 / ideal_bytes(model))
 
 
+@pytest.mark.parametrize(
+    "weight",
+    [{"name": "fp"}, {"name": "react", "beta": 0.05}],
+    ids=["fp", "react-beta"],
+)
+def test_non_sign_weight_pairs_round_trip_or_are_refused(tmp_path, resnet20_teacher, weight):
+    # Whatever honest value a weight pair has (identity for fp, sign(w/s - beta) for ReAct), the export
+    # must reproduce it, or refuse to export: never silently store something else.
+    model = copy.deepcopy(resnet20_teacher)
+    binarize_(model, {"weight": weight})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "odd.safetensors"
+    try:
+        export.save(model, path)
+    except ValueError:
+        return
+    with binary_eval(model):
+        expected = model(x)
+    assert torch.equal(export.load(path)(x), expected)
+
+
 def test_manifest_contents(tmp_path, resnet20_teacher):
     model = copy.deepcopy(resnet20_teacher)
     binarize_(model, {"weight": "bnn", "activation": "bnn++", "accumulator_bits": 8})
