@@ -165,7 +165,10 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> S
     for key, t in model.state_dict().items():
         owner = _owner(key)
         if owner in binary and key == f"{owner}.weight":
-            signs, s = binary[owner].binary_weight()
+            try:
+                signs, s = binary[owner].binary_weight()
+            except ValueError as e:
+                raise ValueError(f"cannot export layer {owner}: {e}") from None
             packed = pack_signs(signs.cpu())
             s = s.reshape(-1).float().cpu()
             bits.append(packed)

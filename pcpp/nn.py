@@ -178,9 +178,17 @@ class BinaryMixin:
         self.accumulator_count.zero_()
 
     def binary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(signs in {-1, +1}, scale s) of the honest binarized weight s sign(w*)."""
+        """(signs in {-1, +1}, scale s) of the honest binarized weight, s * binarize(w* / s).
+
+        Raises ValueError when the weight pair has no binary honest value (fp).
+        """
         with torch.no_grad():
-            return qfn.sign(self.weight), self.weight_scale().expand(self._scale_shape()).clone()
+            s = self.weight_scale()
+            signs = self.weight_quantizer.binarize(self.weight / s)
+            if not bool((signs.abs() == 1).all()):
+                raise ValueError(f"weight pair {self.weight_quantizer.name!r} is not binary (its honest value is "
+                                 "not +-1): nothing to pack into 1-bit weights")
+            return signs, s.expand(self._scale_shape()).clone()
 
     def _scale_shape(self) -> tuple[int, ...]:
         if self.scaling == "channel":
