@@ -26,7 +26,6 @@ from torch import nn
 
 from pcpp import quantizers
 from pcpp.quantizers import Quantizer
-from pcpp.quantizers import functions as qfn
 
 SCALINGS = ("none", "layer", "channel")
 UNITS = ("scaled", "raw")
