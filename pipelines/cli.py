@@ -71,7 +71,8 @@ def cmd_prepare(args) -> int:
     manifest = prepare(args.src, args.out, shard_size=args.shard_size, skip_corrupt=args.skip_corrupt)
     skipped = manifest.get("skipped") or []
     print(f"wrote {len(manifest['shards'])} shards, {manifest['num_samples']} images, "
-          f"{len(manifest['classes'])} classes to {args.out}" + (f" ({len(skipped)} corrupt skipped)" if skipped else ""))
+          f"{len(manifest['classes'])} classes to {args.out}"
+          + (f" ({len(skipped)} corrupt skipped)" if skipped else ""))
     return 0
 
 
@@ -89,6 +90,22 @@ def cmd_train(args) -> int:
         return 0
     print(f"{cfg.name}: {result.message} (run dir {result.run_dir}, MLflow run {result.run_id})", file=sys.stderr)
     return 3
+
+
+def cmd_run(args) -> int:
+    from pipelines.config import load_pipeline
+    from pipelines.runner import PipelineFailed, run, summary, write_summary
+
+    pc = load_pipeline(args.config, args.overrides)
+    try:
+        result = run(pc)
+    except PipelineFailed as e:
+        print(f"pipeline {pc.name} failed: {e}\nfinished stages are kept under {pc.root_path / 'artifacts'}; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 3
+    print(summary(pc, result))
+    write_summary(pc, result)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
     p.add_argument("--run-dir", help="run directory (default: under tracking.run_root); a rerun resumes it")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="the whole pipeline (data, teacher, pretrain, train, sensitivity, export) on Ray")
+    p.add_argument("config", help="pipeline YAML (pipelines/configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.optim.epochs=3")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -98,6 +98,7 @@ class TrainConfig:
     seed: int = 0
     pipeline: str = "ft"  # ft: start from the teacher weights; e2e: random initialisation
     teacher: str | None = None  # full-precision checkpoint (FT initialisation, distillation teacher)
+    init: str | None = None  # a binarized student's checkpoint to start from (after binarized pre-training)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     binarize: BinarizeSpec | None = field(default_factory=BinarizeSpec)  # None: full precision

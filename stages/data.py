@@ -863,3 +863,22 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
+
+
+def run(cfg: dict, inputs: dict, out: Path, ctx) -> dict:
+    """Data stage: shards for `train/` and `test/` from the configured sources (shard dirs are copied as is)."""
+    from cluster.local import resolve
+
+    metrics = {}
+    for split in ("train", "test"):
+        src = resolve(cfg[split])
+        if (src / MANIFEST).exists():
+            verify(src)
+            shutil.copytree(src, out / split)
+            manifest = load_manifest(out / split)
+        else:
+            manifest = prepare(src, out / split, shard_size=cfg.get("shard_size", 1000), progress=True,
+                               split=split)
+        metrics[f"{split}_samples"] = manifest["num_samples"]
+        metrics["classes"] = len(manifest["classes"])
+    return metrics

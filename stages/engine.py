@@ -52,6 +52,8 @@ def build_model(cfg: TrainConfig):
     if cfg.pipeline == "ft":
         models.load_checkpoint(model, resolve(cfg.teacher))
     report = binarize_(model, cfg.binarize) if cfg.binarize is not None else None
+    if cfg.init:
+        models.load_checkpoint(model, resolve(cfg.init))
     rule = get_rule(cfg.algorithm.rule, **cfg.algorithm.params)
     if rule.training_quantizer == "fp":
         pnn.set_latent_forward(model, True)

@@ -1,0 +1,214 @@
+"""A loopback Ray head in its own processes (`ray start --head`), for `ray job submit` and tests.
+
+`pcpp train` joins RAY_ADDRESS or starts Ray inside its own process (`cluster.local.ensure_ray`). This is
+the other way of working: a head that outlives the caller and takes jobs through its dashboard, as a
+cluster started by `ray up ray_cluster.yaml` does. `cluster/start_local.sh` and `stop_local.sh` do the
+same from a shell. Everything binds to 127.0.0.1.
+
+Stopping is exact: `ray start` runs in a new session, every process of the head (GCS, raylet, dashboard,
+agents, workers) inherits that session id, and `stop_head` signals those processes by pid. `ray stop`
+is not used because it stops every Ray process of the user on the machine, found by name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.local import LOOPBACK, REPO_ROOT
+
+# Ray's unix sockets live at TEMP_DIR/session_<date>_<pid>/sockets/..., and a socket path may not exceed
+# 107 bytes: that leaves about 40 characters for the temp dir itself.
+MAX_TEMP_DIR_CHARS = 40
+
+
+@dataclass(frozen=True)
+class Head:
+    """One head started by `start_head`."""
+
+    dashboard: str  # http://127.0.0.1:PORT: RAY_ADDRESS for `ray job submit`, the dashboard's REST API
+    gcs_address: str  # 127.0.0.1:PORT: for `ray status --address`, `ray.init(address=...)`
+    temp_dir: str  # Ray's --temp-dir: session logs are under it
+    session_id: int  # the session of the `ray start` process, shared by every process of the head
+    owns_temp_dir: bool  # created by start_head, removed by stop_head
+
+
+_HEADS: dict[str, Head] = {}
+
+
+def ray_executable() -> str:
+    """The `ray` CLI of this interpreter's environment, else the repo's .venv, else the one on PATH."""
+    for candidate in (Path(sys.executable).with_name("ray"), REPO_ROOT / ".venv" / "bin" / "ray"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("ray")
+    if found is None:
+        raise FileNotFoundError("no `ray` executable: install ray[default] (`make install` creates .venv)")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def auth_headers() -> dict[str, str]:
+    """The `Authorization` header of Ray's token authentication, if this user has a token.
+
+    Ray 2.60 turns token authentication on for `ray start --head` when a token exists (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); the dashboard's REST API then answers 401 without it.
+    """
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        return dict(AuthenticationTokenLoader.instance().get_token_for_http_header() or {})
+    except Exception:  # no token, or a Ray without token authentication
+        return {}
+
+
+def _get_json(url: str, timeout: float = 2.0):
+    # No proxies: an http_proxy in the environment must never see loopback traffic.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(url, headers=auth_headers()), timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def dashboard_version(address: str) -> dict | None:
+    """The dashboard's /api/version answer (ray_version, ...), or None while it does not answer."""
+    try:
+        return _get_json(address.rstrip("/") + "/api/version")
+    except (OSError, ValueError):
+        return None
+
+
+def running_heads() -> list[Head]:
+    """The heads this process started and has not stopped yet."""
+    return list(_HEADS.values())
+
+
+def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os.PathLike | None = None, *,
+               port: int | None = None, timeout: float = 90.0) -> str:
+    """Start a Ray head bound to 127.0.0.1 and wait until its dashboard answers; returns its address.
+
+    The address (`http://127.0.0.1:<dashboard_port>`) is what `ray job submit --address` and RAY_ADDRESS
+    take. `port` is the GCS port (default: a free one, so a head on 6379 elsewhere does not collide);
+    the ray-client and dashboard-agent ports are picked free as well. `temp_dir` defaults to a new
+    short directory under /tmp, removed again by `stop_head`; a given one must be at most
+    MAX_TEMP_DIR_CHARS characters long (Ray's socket paths) and is kept.
+    """
+    if _port_in_use(dashboard_port):
+        raise RuntimeError(f"{LOOPBACK}:{dashboard_port} is already in use: pass another dashboard_port "
+                           f"(cluster.head.free_port() finds one)")
+    owns = temp_dir is None
+    if owns:
+        tmp = Path(tempfile.mkdtemp(prefix="pcpp-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    else:
+        tmp = Path(temp_dir).expanduser().resolve()
+        tmp.mkdir(parents=True, exist_ok=True)
+    if len(str(tmp)) > MAX_TEMP_DIR_CHARS:
+        if owns:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"temp_dir {str(tmp)!r} is longer than {MAX_TEMP_DIR_CHARS} characters: Ray's unix "
+                         f"socket paths under it would exceed 107 bytes (use a short path such as /tmp/ray-x)")
+    gcs_port = port or free_port()
+    cmd = [ray_executable(), "start", "--head", f"--num-cpus={num_cpus}",
+           f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
+           f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--temp-dir={tmp}", "--disable-usage-stats"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp / "ray-start.log"
+    deadline = time.monotonic() + timeout
+    with log.open("w") as out:
+        # A file, not a pipe: the daemons outlive `ray start`, and a pipe they inherited would never close.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        head = Head(dashboard=f"http://{LOOPBACK}:{dashboard_port}", gcs_address=f"{LOOPBACK}:{gcs_port}",
+                    temp_dir=str(tmp), session_id=proc.pid, owns_temp_dir=owns)
+        _HEADS[head.dashboard] = head  # registered first, so that every failure below can clean up
+        try:
+            rc = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            rc = None
+    if rc != 0:
+        raise _failed(head, f"`ray start` {'timed out' if rc is None else f'exited with {rc}'}", log)
+    while dashboard_version(head.dashboard) is None:
+        if time.monotonic() > deadline:
+            raise _failed(head, f"the dashboard did not answer on {head.dashboard} within {timeout:.0f} s", log)
+        time.sleep(0.25)
+    return head.dashboard
+
+
+def _failed(head: Head, what: str, log: Path) -> RuntimeError:
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    stop_head(head.dashboard)
+    return RuntimeError(f"{what}; `ray start` said:\n{tail}")
+
+
+def _session_processes(session_id: int):
+    import psutil
+
+    me, my_session, uid = os.getpid(), os.getsid(0), os.getuid()
+    if session_id == my_session:  # never the caller's own session
+        return []
+    procs = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me and os.getsid(p.pid) == session_id and p.uids().real == uid:
+                procs.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return procs
+
+
+def stop_head(address: str | None = None, timeout: float = 15.0) -> None:
+    """Stop the head started at `address` (default: every head this process started); no-op if none.
+
+    SIGTERM to each process of the head's session, SIGKILL to those still alive after `timeout` s.
+    """
+    import psutil
+
+    if address is None:
+        heads = list(_HEADS.values())
+        _HEADS.clear()
+    else:
+        heads = [_HEADS.pop(address)] if address in _HEADS else []
+    for head in heads:
+        procs = _session_processes(head.session_id)
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        if head.owns_temp_dir:
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+atexit.register(stop_head)  # a head must not outlive a test session that forgot (or failed) to stop it

@@ -1,0 +1,244 @@
+"""The pipeline as a Ray DAG of stage tasks, with our own artifact cache (ray.workflow is gone in 2.60).
+
+data -> teacher -> pretrain (optional) -> train -> export, and teacher -> sensitivity. Each stage task
+computes its key from its config slice and its inputs' digests; a verified artifact under that key is a
+cache hit and the stage is skipped, so a crashed or stopped pipeline resumes where it stopped (a
+training stage also resumes inside, from its last epoch checkpoint). MLflow: one parent run per
+pipeline run, one child per stage (cache hits too, tagged `pcpp.cached`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.local import ensure_ray, tracking_uri
+from pipelines.config import PipelineConfig
+from stages.artifact import Artifact, StageContext, cached, commit, stage_key
+
+STAGE_FUNCTIONS = {
+    "data": "stages.data:run",
+    "teacher": "stages.teacher:run",
+    "pretrain": "stages.train:run_pretrain",
+    "train": "stages.train:run_train",
+    "sensitivity": "stages.sensitivity:run",
+    "export": "stages.export:run",
+}
+
+
+@dataclass
+class StagePlan:
+    name: str
+    deps: list[str]
+    key_config: dict  # the slice of the pipeline config this stage depends on
+    config: dict = field(default_factory=dict)
+
+
+def plan(pc: PipelineConfig) -> list[StagePlan]:
+    """The stages to run, in dependency order, each with the config slice its key hashes."""
+    d = pc.to_dict()
+    data_keys = {k: d["data"][k] for k in ("batch_size", "num_workers", "epoch_length", "eval_limit")}
+    training = {"model": d["model"], "binarize": d["binarize"], "data": data_keys, "distributed": d["distributed"]}
+    stages = [
+        StagePlan("data", [], {"train": d["data"]["train"], "test": d["data"]["test"],
+                               "shard_size": d["data"]["shard_size"]}),
+        StagePlan("teacher", ["data"], {"model": d["model"], "teacher": d["teacher"],
+                                        "eval_limit": d["data"]["eval_limit"],
+                                        **({"training": training} if pc.teacher.source == "train" else {})}),
+    ]
+    if pc.pretrain.enabled:
+        stages.append(StagePlan("pretrain", ["data", "teacher"],
+                                {**training, "pretrain": d["pretrain"], "seed": d["train"]["seed"]}))
+    stages.append(StagePlan("train", ["data", "teacher"] + (["pretrain"] if pc.pretrain.enabled else []),
+                            {**training, "train": d["train"]}))
+    if pc.sensitivity.enabled:
+        stages.append(StagePlan("sensitivity", ["data", "teacher"], {"model": d["model"], **d["sensitivity"]}))
+    if pc.export.enabled:
+        stages.append(StagePlan("export", ["data", "train"], {"eval_limit": d["data"]["eval_limit"]}))
+    for s in stages:
+        if s.name == "sensitivity":  # the scan takes its own section, validated by stages.sensitivity
+            s.config = {k: v for k, v in d["sensitivity"].items() if k != "enabled"}
+        elif s.name == "data":
+            s.config = dict(s.key_config)
+        else:
+            s.config = {"pipeline": d, "eval_limit": d["data"]["eval_limit"]}
+    return stages
+
+
+def _function(name: str):
+    module, _, attr = STAGE_FUNCTIONS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _child_run(ctx: StageContext, stage: str, key: str, cached_hit: bool) -> str | None:
+    if not ctx.tracking_uri or not ctx.parent_run_id:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = MlflowClient(ctx.tracking_uri)
+    exp_id = client.get_run(ctx.parent_run_id).info.experiment_id
+    run = client.create_run(exp_id, tags={MLFLOW_PARENT_RUN_ID: ctx.parent_run_id, MLFLOW_RUN_NAME: stage,
+                                          "pcpp.stage": stage, "pcpp.stage_key": key,
+                                          "pcpp.cached": str(cached_hit).lower()})
+    return run.info.run_id
+
+
+def _end_child(ctx: StageContext, status: str, artifact: Artifact | None = None, message: str = "") -> None:
+    if not ctx.run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    if artifact is not None:
+        client.set_tag(ctx.run_id, "pcpp.artifact", str(artifact.path))
+        for k, v in artifact.metrics.items():
+            if isinstance(v, (int, float)):
+                client.log_metric(ctx.run_id, k, float(v))
+    if message:
+        client.set_tag(ctx.run_id, "pcpp.message", message[:5000])
+    client.set_terminated(ctx.run_id, status=status)
+
+
+def execute_stage(name: str, config: dict, key_config: dict, ctx: StageContext, dep_names: list[str],
+                  *deps) -> tuple[Artifact, dict]:
+    """Run one stage (or take its cached artifact); returns (artifact, info)."""
+    inputs = {n: d[0] for n, d in zip(dep_names, deps)}
+    key = stage_key(name, key_config, inputs)
+    hit = cached(ctx.root, name, key)
+    ctx = dataclasses.replace(ctx, extra={**ctx.extra, "key": key})
+    ctx.run_id = _child_run(ctx, name, key, hit is not None)
+    if hit is not None:
+        _end_child(ctx, "FINISHED", hit)
+        return hit, {"stage": name, "cached": True, "seconds": 0.0, "key": key}
+    started = time.time()
+    out = ctx.root / "artifacts" / f".tmp-{name}-{key}-{int(started * 1000)}"
+    out.mkdir(parents=True)
+    try:
+        metrics = _function(name)(config, inputs, out, ctx)
+        artifact = commit(ctx.root, name, key, key_config, inputs, out, metrics, started)
+    except BaseException as e:
+        shutil.rmtree(out, ignore_errors=True)
+        _end_child(ctx, "FAILED", message=f"{type(e).__name__}: {e}")
+        raise
+    _end_child(ctx, "FINISHED", artifact)
+    return artifact, {"stage": name, "cached": False, "seconds": round(time.time() - started, 1), "key": key}
+
+
+@dataclass
+class PipelineResult:
+    artifacts: dict[str, Artifact]
+    info: list[dict]
+    run_id: str | None
+    tracking_uri: str
+    seconds: float
+
+
+def run(pc: PipelineConfig, *, log: bool = True) -> PipelineResult:
+    """Validate, build the Ray DAG and execute it; returns the artifacts of every stage."""
+    pc.check_files()
+    root = pc.root_path
+    root.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(root, pc.tracking.tracking_uri)
+    parent = _parent_run(pc, uri, root) if log else None
+    ctx = StageContext(root=root, tracking_uri=uri if log else None, experiment=pc.tracking.experiment,
+                       parent_run_id=parent)
+    stages = plan(pc)
+    ray = ensure_ray()
+    from ray.dag import MultiOutputNode
+
+    task = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
+    nodes = {}
+    for s in stages:
+        nodes[s.name] = task.options(name=f"stage:{s.name}").bind(
+            s.name, s.config, s.key_config, ctx, s.deps, *[nodes[d] for d in s.deps])
+    started = time.time()
+    try:
+        results = ray.get(MultiOutputNode([nodes[s.name] for s in stages]).execute())
+    except Exception as e:
+        _finish_parent(uri, parent, "FAILED", _one_line(e))
+        raise PipelineFailed(_one_line(e)) from None
+    artifacts = {s.name: r[0] for s, r in zip(stages, results)}
+    info = [r[1] for r in results]
+    _finish_parent(uri, parent, "FINISHED", "", info, artifacts)
+    return PipelineResult(artifacts, info, parent, uri, time.time() - started)
+
+
+class PipelineFailed(RuntimeError):
+    pass
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "Error" in line.split(":")[0] or "Failed" in line), None)
+    return cause or (lines[-1] if lines else type(e).__name__)
+
+
+def _parent_run(pc: PipelineConfig, uri: str, root: Path) -> str:
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(pc.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        pc.tracking.experiment, artifact_location=(root / "mlartifacts").as_uri())
+    run = client.create_run(exp_id, tags={MLFLOW_RUN_NAME: pc.name, "pcpp.kind": "pipeline",
+                                          "pcpp.config_digest": pc.digest()})
+    cfg_file = root / f"pipeline-{pc.digest()}.yaml"
+    cfg_file.write_text(pc.to_yaml())
+    client.log_artifact(run.info.run_id, str(cfg_file))
+    return run.info.run_id
+
+
+def _finish_parent(uri, run_id, status, message, info=None, artifacts=None):
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for i in info or []:
+        client.log_metric(run_id, f"{i['stage']}.seconds", i["seconds"])
+        client.set_tag(run_id, f"pcpp.{i['stage']}.cached", str(i["cached"]).lower())
+    for name, a in (artifacts or {}).items():
+        for k, v in a.metrics.items():
+            if isinstance(v, (int, float)):
+                client.log_metric(run_id, f"{name}.{k}", float(v))
+    if message:
+        client.set_tag(run_id, "pcpp.message", message[:5000])
+    client.set_terminated(run_id, status=status)
+
+
+def summary(pc: PipelineConfig, result: PipelineResult) -> str:
+    """The printed end-of-run summary: per stage, cached or not, time and headline figures."""
+    a = result.artifacts
+    lines = [f"pipeline {pc.name}: {len(result.info)} stages in {result.seconds:.1f} s", ""]
+    lines.append(f"{'stage':<12} {'status':<8} {'seconds':>8}  figures")
+    headline = {"data": ("train_samples", "test_samples"), "teacher": ("accuracy",),
+                "pretrain": ("binary_acc", "forward_acc"), "train": ("binary_acc", "forward_acc", "soft_fraction"),
+                "sensitivity": ("baseline_acc", "worst_block", "worst_drop"),
+                "export": ("ratio_to_fp32", "file_bytes", "reloaded_acc")}
+    for i in result.info:
+        m = a[i["stage"]].metrics
+        figs = ", ".join(f"{k} {m[k]:.4g}" if isinstance(m.get(k), float) else f"{k} {m.get(k)}"
+                         for k in headline.get(i["stage"], ()) if k in m)
+        lines.append(f"{i['stage']:<12} {'cached' if i['cached'] else 'ran':<8} {i['seconds']:>8.1f}  {figs}")
+    lines += ["", f"artifacts: {pc.root_path / 'artifacts'}", f"MLflow store: {result.tracking_uri} "
+              f"(parent run {result.run_id})"]
+    if result.tracking_uri.startswith("sqlite:///"):
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1 --port 5000")
+    if "export" in a:
+        lines.append(f"export: {a['export'].path / 'model.safetensors'}")
+    return "\n".join(lines)
+
+
+def write_summary(pc: PipelineConfig, result: PipelineResult) -> Path:
+    path = pc.root_path / "summary.json"
+    path.write_text(json.dumps({"info": result.info, "run_id": result.run_id, "tracking_uri": result.tracking_uri,
+                                "metrics": {k: v.metrics for k, v in result.artifacts.items()},
+                                "artifacts": {k: str(v.path) for k, v in result.artifacts.items()}}, indent=1))
+    return path
