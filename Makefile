@@ -34,12 +34,10 @@ integration: install
 	$(PY) -m pytest -q -m integration
 
 DEMO_OUT ?= demo-out
+# The quickstart pipeline on the offline sample: local Ray, SQLite MLflow under runs/demo, every stage.
 demo: install
 	$(VENV)/bin/pcpp quantizers --plot $(DEMO_OUT)/quantizers.png
-	$(VENV)/bin/pcpp check bnn --plot $(DEMO_OUT)/bnn.png
-	$(VENV)/bin/pcpp check bnn+ --plot $(DEMO_OUT)/bnn+.png
-	$(VENV)/bin/pcpp check bnn++ --progress 0.5 --plot $(DEMO_OUT)/bnn++.png
-	@echo "demo figures in $(DEMO_OUT)/"
+	$(VENV)/bin/pcpp run pipelines/configs/demo.yaml
 
 lint: install
 	$(VENV)/bin/ruff check pcpp stages pipelines cluster tests bench

@@ -5,6 +5,12 @@ the other way of working: a head that outlives the caller and takes jobs through
 cluster started by `ray up ray_cluster.yaml` does. `cluster/start_local.sh` and `stop_local.sh` do the
 same from a shell. Everything binds to 127.0.0.1.
 
+Clients (`ray job submit`, `ray status`, `ray.init(address=...)`) need two settings besides the address,
+both in `client_env()`: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, without which Ray rewrites 127.0.0.1 in an
+address to the machine's outward IP, where nothing listens; and RAY_AUTH_MODE=token when the head uses
+Ray's token authentication (Ray 2.60 turns it on whenever this user has a token, e.g. ~/.ray/auth_token
+written by a local ray.init(); the head's mode is made explicit here so that it is known).
+
 Stopping is exact: `ray start` runs in a new session, every process of the head (GCS, raylet, dashboard,
 agents, workers) inherits that session id, and `stop_head` signals those processes by pid. `ray stop`
 is not used because it stops every Ray process of the user on the machine, found by name.
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +49,7 @@ class Head:
     temp_dir: str  # Ray's --temp-dir: session logs are under it
     session_id: int  # the session of the `ray start` process, shared by every process of the head
     owns_temp_dir: bool  # created by start_head, removed by stop_head
+    auth_mode: str  # "token" or "disabled": Ray's RAY_AUTH_MODE for the head and its clients
 
 
 _HEADS: dict[str, Head] = {}
@@ -71,6 +79,15 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex((LOOPBACK, port)) == 0
 
 
+def _has_token() -> bool:
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
+    except Exception:
+        return False
+
+
 def auth_headers() -> dict[str, str]:
     """The `Authorization` header of Ray's token authentication, if this user has a token.
 
@@ -80,7 +97,7 @@ def auth_headers() -> dict[str, str]:
     try:
         from ray._raylet import AuthenticationTokenLoader
 
-        return dict(AuthenticationTokenLoader.instance().get_token_for_http_header() or {})
+        return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True) or {})
     except Exception:  # no token, or a Ray without token authentication
         return {}
 
@@ -105,6 +122,20 @@ def running_heads() -> list[Head]:
     return list(_HEADS.values())
 
 
+def client_env(address: str | None = None) -> dict[str, str]:
+    """Environment for a client of a head started here (default: the last one started).
+
+    RAY_ADDRESS (the dashboard, for `ray job submit`), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (keep 127.0.0.1
+    as is) and RAY_AUTH_MODE. Use as `subprocess.run([...], env={**os.environ, **client_env()})`; for
+    `ray status` / `ray.init` pass the head's `gcs_address` explicitly.
+    """
+    if not _HEADS:
+        raise RuntimeError("no head was started by this process (cluster.head.start_head)")
+    head = _HEADS[address] if address else list(_HEADS.values())[-1]
+    return {"RAY_ADDRESS": head.dashboard, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": head.auth_mode}
+
+
 def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os.PathLike | None = None, *,
                port: int | None = None, timeout: float = 90.0) -> str:
     """Start a Ray head bound to 127.0.0.1 and wait until its dashboard answers; returns its address.
@@ -113,7 +144,8 @@ def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os
     take. `port` is the GCS port (default: a free one, so a head on 6379 elsewhere does not collide);
     the ray-client and dashboard-agent ports are picked free as well. `temp_dir` defaults to a new
     short directory under /tmp, removed again by `stop_head`; a given one must be at most
-    MAX_TEMP_DIR_CHARS characters long (Ray's socket paths) and is kept.
+    MAX_TEMP_DIR_CHARS characters long (Ray's socket paths) and is kept. Token authentication is on when
+    this user has a Ray token (as `ray start` decides by itself), off otherwise; see `client_env()`.
     """
     if _port_in_use(dashboard_port):
         raise RuntimeError(f"{LOOPBACK}:{dashboard_port} is already in use: pass another dashboard_port "
@@ -135,7 +167,9 @@ def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os
            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            f"--temp-dir={tmp}", "--disable-usage-stats"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    auth_mode = "token" if _has_token() else "disabled"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": auth_mode}
     env.pop("RAY_ADDRESS", None)
     log = tmp / "ray-start.log"
     deadline = time.monotonic() + timeout
@@ -144,7 +178,7 @@ def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         head = Head(dashboard=f"http://{LOOPBACK}:{dashboard_port}", gcs_address=f"{LOOPBACK}:{gcs_port}",
-                    temp_dir=str(tmp), session_id=proc.pid, owns_temp_dir=owns)
+                    temp_dir=str(tmp), session_id=proc.pid, owns_temp_dir=owns, auth_mode=auth_mode)
         _HEADS[head.dashboard] = head  # registered first, so that every failure below can clean up
         try:
             rc = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
@@ -152,11 +186,18 @@ def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os
             rc = None
     if rc != 0:
         raise _failed(head, f"`ray start` {'timed out' if rc is None else f'exited with {rc}'}", log)
-    while dashboard_version(head.dashboard) is None:
+    while True:
+        try:
+            _get_json(head.dashboard + "/api/version")
+            return head.dashboard
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # a token this process cannot present: waiting will not help
+                raise _failed(head, f"the dashboard refused our token ({e.code}); auth mode {auth_mode}", log) from e
+        except (OSError, ValueError):
+            pass
         if time.monotonic() > deadline:
             raise _failed(head, f"the dashboard did not answer on {head.dashboard} within {timeout:.0f} s", log)
         time.sleep(0.25)
-    return head.dashboard
 
 
 def _failed(head: Head, what: str, log: Path) -> RuntimeError:
@@ -181,13 +222,37 @@ def _session_processes(session_id: int):
     return procs
 
 
+def _terminate(procs, timeout: float) -> None:
+    import psutil
+
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _name(p) -> str:
+    try:
+        return p.name()
+    except Exception:
+        return ""
+
+
 def stop_head(address: str | None = None, timeout: float = 15.0) -> None:
     """Stop the head started at `address` (default: every head this process started); no-op if none.
 
-    SIGTERM to each process of the head's session, SIGKILL to those still alive after `timeout` s.
+    In `ray stop`'s order: the raylet first (its agents and workers follow it), then the rest, the GCS
+    last (it waits for its clients otherwise); SIGTERM, then SIGKILL to whatever is alive after a third
+    of `timeout` seconds.
     """
-    import psutil
-
     if address is None:
         heads = list(_HEADS.values())
         _HEADS.clear()
@@ -195,18 +260,11 @@ def stop_head(address: str | None = None, timeout: float = 15.0) -> None:
         heads = [_HEADS.pop(address)] if address in _HEADS else []
     for head in heads:
         procs = _session_processes(head.session_id)
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        raylet = [p for p in procs if _name(p) == "raylet"]
+        gcs = [p for p in procs if _name(p) == "gcs_server"]
+        _terminate(raylet, timeout / 3)
+        _terminate([p for p in _session_processes(head.session_id) if p not in gcs], timeout / 3)
+        _terminate([p for p in _session_processes(head.session_id)], timeout / 3)
         if head.owns_temp_dir:
             shutil.rmtree(head.temp_dir, ignore_errors=True)
 

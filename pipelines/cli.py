@@ -92,11 +92,25 @@ def cmd_train(args) -> int:
     return 3
 
 
+def _exit_on_sigterm(message: str) -> None:
+    """`ray job stop` sends SIGTERM: leave at once, so Ray tears down the stage tasks and training workers
+    this driver owns (a lingering driver would keep them training beside a resubmitted job)."""
+    import os
+    import signal
+
+    def handler(signum, frame):
+        print(message, file=sys.stderr, flush=True)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_run(args) -> int:
     from pipelines.config import load_pipeline
     from pipelines.runner import PipelineFailed, run, summary, write_summary
 
     pc = load_pipeline(args.config, args.overrides)
+    _exit_on_sigterm(f"pipeline {pc.name} stopped; finished stages and checkpoints stay under {pc.root_path}")
     try:
         result = run(pc)
     except PipelineFailed as e:
@@ -105,6 +119,26 @@ def cmd_run(args) -> int:
         return 3
     print(summary(pc, result))
     write_summary(pc, result)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pipelines.sweep import format_trials, load_sweep, sweep
+
+    cfg, base = load_sweep(args.config, args.overrides)
+    result = sweep(cfg, base)
+    print(format_trials(result, cfg.metric))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cluster.local import tracking_uri
+    from pipelines.report import write_report
+
+    uri = tracking_uri(args.root, args.tracking_uri)
+    md, csv = write_report(uri, Path(args.out), args.experiment)
+    print(Path(md).read_text())
+    print(f"wrote {md} and {csv}")
     return 0
 
 
@@ -146,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="pipeline YAML (pipelines/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.optim.epochs=3")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="Ray Tune + ASHA over mu0, muT, rho0, rhoT and lr; writes the best pipeline YAML")
+    p.add_argument("config", help="sweep YAML (pipelines/configs/sweep_*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="paper-style table (variants x tasks) of binary accuracy from MLflow runs")
+    p.add_argument("--root", default="runs", help="run root holding mlflow.db (default runs)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ROOT/mlflow.db)")
+    p.add_argument("--experiment", default="pcpp")
+    p.add_argument("--out", default="runs/report", help="directory for report.md and report.csv")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

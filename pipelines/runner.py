@@ -139,8 +139,11 @@ class PipelineResult:
     seconds: float
 
 
-def run(pc: PipelineConfig, *, log: bool = True) -> PipelineResult:
-    """Validate, build the Ray DAG and execute it; returns the artifacts of every stage."""
+def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None) -> PipelineResult:
+    """Validate, build the Ray DAG and execute it; returns the artifacts of every stage.
+
+    `only` runs just those stages and what they depend on (e.g. ["teacher"] for a sweep's inputs).
+    """
     pc.check_files()
     root = pc.root_path
     root.mkdir(parents=True, exist_ok=True)
@@ -149,17 +152,27 @@ def run(pc: PipelineConfig, *, log: bool = True) -> PipelineResult:
     ctx = StageContext(root=root, tracking_uri=uri if log else None, experiment=pc.tracking.experiment,
                        parent_run_id=parent)
     stages = plan(pc)
+    if only:
+        unknown = sorted(set(only) - {s.name for s in stages})
+        if unknown:
+            raise ValueError(f"unknown or disabled stages {unknown}; this pipeline has: "
+                             f"{', '.join(s.name for s in stages)}")
+        needed = set()
+        for s in reversed(stages):
+            if s.name in only or s.name in needed:
+                needed.update([s.name, *s.deps])
+        stages = [s for s in stages if s.name in needed]
     ray = ensure_ray()
-    from ray.dag import MultiOutputNode
-
     task = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
-    nodes = {}
-    for s in stages:
-        nodes[s.name] = task.options(name=f"stage:{s.name}").bind(
-            s.name, s.config, s.key_config, ctx, s.deps, *[nodes[d] for d in s.deps])
+    # The DAG on Ray: each stage task takes its upstream stages' ObjectRefs, so Ray runs a stage as soon
+    # as its inputs exist (sensitivity beside pretrain / train) and fails downstream stages with it.
+    refs = {}
     started = time.time()
+    for s in stages:
+        refs[s.name] = task.options(name=f"stage:{s.name}").remote(
+            s.name, s.config, s.key_config, ctx, s.deps, *[refs[d] for d in s.deps])
     try:
-        results = ray.get(MultiOutputNode([nodes[s.name] for s in stages]).execute())
+        results = ray.get([refs[s.name] for s in stages])
     except Exception as e:
         _finish_parent(uri, parent, "FAILED", _one_line(e))
         raise PipelineFailed(_one_line(e)) from None

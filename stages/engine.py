@@ -355,7 +355,8 @@ def _epochs_done(run_dir: Path) -> int:
 
 
 def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: str | None = None,
-        run_name: str | None = None, log_to_mlflow: bool = True, fail_after_epoch: int | None = None) -> TrainResult:
+        run_name: str | None = None, log_to_mlflow: bool = True, fail_after_epoch: int | None = None,
+        callbacks: list | None = None, run_tags: dict | None = None) -> TrainResult:
     """Run one training job on Ray Train; resumes from `run_dir`'s last checkpoint when there is one.
 
     `fail_after_epoch` makes the workers raise after checkpointing that epoch (tests of resume).
@@ -378,7 +379,7 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
     build_model(cfg)
 
     uri = tracking_uri(cfg.tracking.run_root, cfg.tracking.tracking_uri)
-    run_id = start_mlflow_run(cfg, run_dir, uri, parent_run_id, run_name) if log_to_mlflow else None
+    run_id = start_mlflow_run(cfg, run_dir, uri, parent_run_id, run_name, run_tags) if log_to_mlflow else None
     (run_dir / RESULT).unlink(missing_ok=True)
 
     ensure_ray()
@@ -390,7 +391,8 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker=None if d.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{cfg.name}-{cfg.digest()}", storage_path=str(run_dir / "ray")),
+        run_config=RunConfig(name=f"{cfg.name}-{cfg.digest()}", storage_path=str(run_dir / "ray"),
+                             callbacks=callbacks or None),
     )
     error = None
     try:

@@ -232,7 +232,7 @@ def heatmap(rows: list[dict], path: str | Path, title: str | None = None) -> Pat
     row_labels, col_labels, cells = _layout(names)
     panels = [("drop_ptb", "PTB")] + ([("drop_bat", "BAT")] if "drop_bat" in rows[0] else [])
 
-    fig_w = min(2.5 + 0.75 * len(col_labels), 24)
+    fig_w = min(max(6.5, 2.5 + 0.75 * len(col_labels)), 24)
     fig_h = 0.9 + len(panels) * (0.55 * len(row_labels) + 0.9)
     fig, axes = plt.subplots(len(panels), 1, figsize=(fig_w, fig_h), squeeze=False)
     cmap = plt.get_cmap("YlOrRd").with_extremes(bad="0.92")
@@ -249,7 +249,7 @@ def heatmap(rows: list[dict], path: str | Path, title: str | None = None) -> Pat
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
         ax.set_xticks(range(len(col_labels)), col_labels, rotation=0 if len(col_labels) < 16 else 90, fontsize=8)
         ax.set_yticks(range(len(row_labels)), row_labels, fontsize=9)
-        ax.set_xlabel("block")
+        ax.set_xlabel("block" if row_labels[0] in TRANSFORMER_PARTS or len(row_labels) == 1 else "block in stage")
         ax.set_title(f"{label}: accuracy drop when only that block is binarized", fontsize=10)
         fig.colorbar(image, ax=ax, label="drop (points)", fraction=0.04, pad=0.02)
     if title:
@@ -359,8 +359,10 @@ def run(cfg: dict, inputs: dict[str, Artifact], out: Path, ctx: StageContext) ->
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(rows, out / CSV_NAME)
     baseline = rows[0]["acc_fp"]
-    png_path = heatmap(rows, out / PNG_NAME, title=f"{name}: binarizing one block at a time "
-                                                   f"(weight {_qname(c.weight)}, full precision {100 * baseline:.2f}%)")
+    binarized = f"{_qname(c.weight)} weights" + (f", {_qname(c.activation)} activations" if c.activation else "")
+    title = (f"{name}, {binarized}, one block binarized at a time\n"
+             f"full precision {100 * baseline:.2f}% on {test_loader.epoch_length} test images")
+    png_path = heatmap(rows, out / PNG_NAME, title=title)
     worst = _worst(rows, "drop_ptb")
     metrics = {"baseline_acc": baseline, "worst_block": worst["block"], "worst_drop": worst["drop_ptb"],
                "num_blocks": len(rows)}

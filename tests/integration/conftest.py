@@ -45,6 +45,6 @@ def local_ray():
     from cluster.local import ensure_ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray = ensure_ray(num_cpus=4)
+    ray = ensure_ray(num_cpus=8)  # logical CPUs: a sweep runs 2 trials, each a Train worker group
     yield ray
     ray.shutdown()

@@ -106,7 +106,7 @@ def test_bat_and_mlflow(inputs, tmp_path, two_threads):
     exp = client.create_experiment("sens", artifact_location=(tmp_path / "mlartifacts").resolve().as_uri())
     run_id = client.create_run(exp).info.run_id
     ctx = StageContext(root=root, tracking_uri=uri, run_id=run_id, extra={"progress": False})
-    cfg = {"blocks": ["layer1.0", "layer3.2"], "eval_limit": 100, "bat_steps": 2, "bat_lr": 1e-4, "batch_size": 50}
+    cfg = {"blocks": ["layer1.0", "layer3.2"], "eval_limit": 40, "bat_steps": 2, "bat_lr": 1e-4, "batch_size": 20}
     metrics = sensitivity.run(cfg, arts, tmp_path / "out", ctx)
 
     rows = _read_csv(tmp_path / "out" / "sensitivity.csv")

@@ -6,7 +6,7 @@ from torch import nn
 
 from pcpp import models
 from pcpp.surgery import binarize_
-from stages.sensitivity import _layout, blocks, heatmap
+from stages.sensitivity import _layout, blocks, heatmap, scan
 
 pytestmark = pytest.mark.unit
 
@@ -68,6 +68,9 @@ class _Plain(nn.Module):
         self.body = nn.Sequential(_unit(8, 8), _unit(8, 8), nn.ReLU(), _unit(8, 8))
         self.head = nn.Linear(8, 10)
 
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
 
 def test_generic_fallback_skips_first_layer_and_head():
     assert blocks(_Plain()) == ["body.0", "body.1", "body.3"]
@@ -96,3 +99,21 @@ def test_heatmap_writes_a_png(tmp_path):
             for i in range(4) for p in ("attn", "mlp")]
     path = heatmap(rows, tmp_path / "h.png", "toy")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_scan_rows():
+    def factory():
+        torch.manual_seed(0)
+        return _Plain()
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 10, 10, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    rows = scan(factory, ["body.0", "body.3"], batches, bat_loader=batches, bat_steps=3, lr=1e-3, progress=False)
+    assert [r["block"] for r in rows] == ["body.0", "body.3"]
+    assert rows[0]["acc_fp"] == rows[1]["acc_fp"]
+    for r in rows:
+        assert r["layers_binarized"] == 1 and r["params_binarized"] == 8 * 8 * 9 + 8  # weight and bias
+        assert r["drop_ptb"] == pytest.approx(r["acc_fp"] - r["acc_ptb"])
+        assert r["drop_bat"] == pytest.approx(r["acc_fp"] - r["acc_bat"])
+    with pytest.raises(ValueError, match="bat_loader"):
+        scan(factory, ["body.0"], batches, bat_steps=1, progress=False)

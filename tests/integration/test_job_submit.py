@@ -1,0 +1,140 @@
+"""The pipeline as users run it on a cluster: `ray job submit -- pcpp run CONFIG` against a loopback head.
+
+One head for the module. A first submission is stopped during training; the resubmission resumes from
+the last epoch checkpoint and finishes every stage (artifacts and MLflow child runs); a third
+submission finds every stage in the cache and takes a fraction of the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.head import client_env, free_port, start_head, stop_head
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+PCPP = Path(sys.executable).with_name("pcpp")
+STAGES = ["data", "teacher", "pretrain", "train", "sensitivity", "export"]
+
+
+@pytest.fixture(scope="module")
+def head():
+    address = start_head(num_cpus=4, dashboard_port=free_port())
+    try:
+        yield address
+    finally:
+        stop_head(address)
+
+
+def _ray(address, *args, check=True) -> str:
+    env = {**os.environ, **client_env(address)}
+    done = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    if check and done.returncode:
+        raise AssertionError(f"ray job {args[0]} failed: {done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout + done.stderr
+
+
+def submit(address, config: Path, root: Path) -> str:
+    out = _ray(address, "submit", "--no-wait", "--working-dir", ".", "--", str(PCPP), "run", str(config),
+               f"root={root}")
+    return re.search(r"raysubmit_\w+", out).group(0)
+
+
+def status(address, job_id) -> str:
+    out = _ray(address, "status", job_id)
+    found = re.findall(r"\b(PENDING|RUNNING|STOPPED|SUCCEEDED|FAILED)\b", out)
+    return found[-1] if found else "UNKNOWN"
+
+
+def wait_for(address, job_id, wanted: set[str], timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = status(address, job_id)
+        if s in wanted:
+            return s
+        if s in {"FAILED", "STOPPED", "SUCCEEDED"}:
+            raise AssertionError(f"job {job_id} ended {s}, wanted {wanted}:\n{_ray(address, 'logs', job_id)[-4000:]}")
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} not {wanted} after {timeout} s")
+
+
+def train_history(root: Path) -> list[int]:
+    files = list((root / "work").glob("train-*/run/epochs.jsonl"))
+    if not files:
+        return []
+    return [json.loads(line)["epoch"] for line in files[0].read_text().splitlines()]
+
+
+def test_submit_stop_resume_and_cache(head, tiny_shards, tmp_path):
+    from mlflow import MlflowClient
+
+    train, test = tiny_shards
+    root = tmp_path / "root"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny-job", "model": {"name": "resnet20", "num_classes": 4},
+        "data": {"train": str(train), "test": str(test), "batch_size": 32, "epoch_length": 320},
+        "teacher": {"source": "train", "epochs": 1, "lr": 0.01},
+        "binarize": {"weight": "bnn++"},
+        "pretrain": {"enabled": True, "epochs": 1, "lr": 0.005},
+        "train": {"pipeline": "ft", "optim": {"epochs": 3, "lr": 0.005}},
+        "sensitivity": {"enabled": True, "eval_limit": 40},
+        "export": {"enabled": True},
+        "distributed": {"num_workers": 1, "zero_stage": 1},
+        "tracking": {"experiment": "tiny-job"},
+    }))
+
+    # 1. Stop the job once the training stage has checkpointed its first epoch.
+    first = submit(head, config, root)
+    deadline = time.time() + 600
+    while not train_history(root):
+        assert time.time() < deadline, _ray(head, "logs", first)[-4000:]
+        assert status(head, first) in {"PENDING", "RUNNING"}, _ray(head, "logs", first)[-4000:]
+        time.sleep(1)
+    _ray(head, "stop", first)
+    wait_for(head, first, {"STOPPED", "FAILED"})
+    assert train_history(root)[0] == 1 and len(train_history(root)) < 3
+
+    # 2. Resubmit: earlier stages are cache hits, training resumes after its last checkpoint.
+    t0 = time.time()
+    second = submit(head, config, root)
+    wait_for(head, second, {"SUCCEEDED"})
+    full_seconds = time.time() - t0
+    assert train_history(root) == [1, 2, 3]  # no epoch trained twice
+    summary = json.loads((root / "summary.json").read_text())
+    assert [i["stage"] for i in summary["info"]] == STAGES
+    for stage in STAGES:
+        art = Path(summary["artifacts"][stage])
+        assert (art / "manifest.json").exists(), stage
+    assert {i["stage"] for i in summary["info"] if i["cached"]} >= {"data", "teacher", "pretrain"}
+    export_dir = Path(summary["artifacts"]["export"])
+    assert (export_dir / "model.safetensors").exists() and (export_dir / "size_summary.txt").exists()
+    sens_dir = Path(summary["artifacts"]["sensitivity"])
+    assert (sens_dir / "sensitivity.csv").exists() and (sens_dir / "sensitivity.png").exists()
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    parent = summary["run_id"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert {r.data.tags["pcpp.stage"] for r in children if "pcpp.stage" in r.data.tags} == set(STAGES)
+    assert any(r.data.tags.get("pcpp.rule") == "pc++" for r in children)  # the resumed training run is nested too
+
+    # 3. Resubmit again: every stage is a cache hit.
+    t0 = time.time()
+    third = submit(head, config, root)
+    wait_for(head, third, {"SUCCEEDED"})
+    cached_seconds = time.time() - t0
+    summary = json.loads((root / "summary.json").read_text())
+    assert all(i["cached"] for i in summary["info"]), summary["info"]
+    print(f"full resubmission {full_seconds:.1f} s, all cached {cached_seconds:.1f} s")
+    assert cached_seconds < 0.6 * full_seconds
