@@ -139,10 +139,12 @@ class PipelineResult:
     seconds: float
 
 
-def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None) -> PipelineResult:
+def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
+        inject_failure: dict[str, int] | None = None) -> PipelineResult:
     """Validate, build the Ray DAG and execute it; returns the artifacts of every stage.
 
     `only` runs just those stages and what they depend on (e.g. ["teacher"] for a sweep's inputs).
+    `inject_failure` ({"train": 1}) makes a training stage crash after that epoch (tests of resume).
     """
     pc.check_files()
     root = pc.root_path
@@ -169,8 +171,11 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None) 
     refs = {}
     started = time.time()
     for s in stages:
+        stage_ctx = ctx
+        if inject_failure and s.name in inject_failure:
+            stage_ctx = dataclasses.replace(ctx, extra={"fail_after_epoch": inject_failure[s.name]})
         refs[s.name] = task.options(name=f"stage:{s.name}").remote(
-            s.name, s.config, s.key_config, ctx, s.deps, *[refs[d] for d in s.deps])
+            s.name, s.config, s.key_config, stage_ctx, s.deps, *[refs[d] for d in s.deps])
     try:
         results = ray.get([refs[s.name] for s in stages])
     except Exception as e:

@@ -23,7 +23,8 @@ def run_engine(pc, inputs: dict[str, Artifact], ctx: StageContext, *, stage: str
     cfg = _train_config(pc, stage, seed, pipeline, teacher, init, train_dir, test_dir, binarize, rule, rule_params,
                         optim, epochs, lr, distill, ctx)
     run_dir = work_dir(ctx.root, stage, ctx.extra["key"]) / "run"
-    result = fit(cfg, run_dir=run_dir, parent_run_id=ctx.parent_run_id, run_name=f"{stage} (training)")
+    result = fit(cfg, run_dir=run_dir, parent_run_id=ctx.parent_run_id, run_name=f"{stage} (training)",
+                 fail_after_epoch=ctx.extra.get("fail_after_epoch"))
     if not result.ok:
         raise StageFailed(f"{stage}: {result.message} (checkpoints kept in {run_dir})")
     from pcpp import models
