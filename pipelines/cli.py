@@ -99,7 +99,10 @@ def _exit_on_sigterm(message: str) -> None:
     import signal
 
     def handler(signum, frame):
+        from pipelines.runner import cancel_in_flight
+
         print(message, file=sys.stderr, flush=True)
+        cancel_in_flight()
         os._exit(143)
 
     signal.signal(signal.SIGTERM, handler)
@@ -110,9 +113,9 @@ def cmd_run(args) -> int:
     from pipelines.runner import PipelineFailed, run, summary, write_summary
 
     pc = load_pipeline(args.config, args.overrides)
-    _exit_on_sigterm(f"pipeline {pc.name} stopped; finished stages and checkpoints stay under {pc.root_path}")
+    message = f"pipeline {pc.name} stopped; finished stages and checkpoints stay under {pc.root_path}"
     try:
-        result = run(pc)
+        result = run(pc, on_ray_ready=lambda: _exit_on_sigterm(message))
     except PipelineFailed as e:
         print(f"pipeline {pc.name} failed: {e}\nfinished stages are kept under {pc.root_path / 'artifacts'}; "
               "rerun the same command to resume", file=sys.stderr)

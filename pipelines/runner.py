@@ -140,7 +140,7 @@ class PipelineResult:
 
 
 def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
-        inject_failure: dict[str, int] | None = None) -> PipelineResult:
+        inject_failure: dict[str, int] | None = None, on_ray_ready=None) -> PipelineResult:
     """Validate, build the Ray DAG and execute it; returns the artifacts of every stage.
 
     `only` runs just those stages and what they depend on (e.g. ["teacher"] for a sweep's inputs).
@@ -165,6 +165,8 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
                 needed.update([s.name, *s.deps])
         stages = [s for s in stages if s.name in needed]
     ray = ensure_ray()
+    if on_ray_ready is not None:  # after ray.init, which installs signal handlers of its own
+        on_ray_ready()
     task = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
     # The DAG on Ray: each stage task takes its upstream stages' ObjectRefs, so Ray runs a stage as soon
     # as its inputs exist (sensitivity beside pretrain / train) and fails downstream stages with it.
@@ -176,6 +178,7 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
             stage_ctx = dataclasses.replace(ctx, extra={"fail_after_epoch": inject_failure[s.name]})
         refs[s.name] = task.options(name=f"stage:{s.name}").remote(
             s.name, s.config, s.key_config, stage_ctx, s.deps, *[refs[d] for d in s.deps])
+    _IN_FLIGHT[:] = list(refs.values())
     try:
         results = ray.get([refs[s.name] for s in stages])
     except Exception as e:
@@ -189,6 +192,21 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
 
 class PipelineFailed(RuntimeError):
     pass
+
+
+_IN_FLIGHT: list = []
+
+
+def cancel_in_flight() -> None:
+    """Force-cancel the running stage tasks: their worker processes die, and with them the Ray Train runs they
+    own, so a stopped pipeline does not keep training beside its resubmission (checkpoints stay on disk)."""
+    import ray
+
+    for ref in _IN_FLIGHT:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # already finished, or Ray is going down
+            pass
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,8 +1,8 @@
 """The pipeline as users run it on a cluster: `ray job submit -- pcpp run CONFIG` against a loopback head.
 
-One head for the module. A first submission runs every stage (artifacts and MLflow child runs); a
-second finds every stage in the cache and takes a fraction of the time. (Resuming after a crash is
-tested in-process in test_pipeline_resume.py.)
+One head for the module. A first submission is stopped during training; the resubmission resumes from
+the last epoch checkpoint and finishes every stage (artifacts and MLflow child runs); a third
+submission finds every stage in the cache and takes a fraction of the time.
 """
 
 from __future__ import annotations
@@ -101,18 +101,32 @@ def test_submit_stop_resume_and_cache(head, tiny_shards, tmp_path):
         "tracking": {"experiment": "tiny-job"},
     }))
 
-    # 1. The whole pipeline as a submitted job.
-    t0 = time.time()
+    # 1. Stop the job once the training stage has checkpointed its first epoch.
     first = submit(head, config, root)
-    wait_for(head, first, {"SUCCEEDED"})
+    client = _client(head)
+    deadline = time.time() + 600
+    while not train_history(root):
+        assert time.time() < deadline and str(client.get_job_status(first).value) in {"PENDING", "RUNNING"}, \
+            logs(head, first)
+        time.sleep(1)
+    client.stop_job(first)
+    wait_for(head, first, {"STOPPED"})
+    time.sleep(10)  # a training run left behind would report another epoch by now
+    stopped_at = train_history(root)
+    assert stopped_at and stopped_at[0] == 1 and len(stopped_at) < 3, stopped_at
+
+    # 2. Resubmit: finished stages are cache hits, training resumes after its last checkpoint.
+    t0 = time.time()
+    second = submit(head, config, root)
+    wait_for(head, second, {"SUCCEEDED"})
     full_seconds = time.time() - t0
-    assert train_history(root) == [1, 2, 3]
+    assert train_history(root) == [1, 2, 3]  # no epoch trained twice
     summary = json.loads((root / "summary.json").read_text())
     assert [i["stage"] for i in summary["info"]] == STAGES
     for stage in STAGES:
         art = Path(summary["artifacts"][stage])
         assert (art / "manifest.json").exists(), stage
-    assert not any(i["cached"] for i in summary["info"])
+    assert {i["stage"] for i in summary["info"] if i["cached"]} >= {"data", "teacher", "pretrain"}
     export_dir = Path(summary["artifacts"]["export"])
     assert (export_dir / "model.safetensors").exists() and (export_dir / "size_summary.txt").exists()
     sens_dir = Path(summary["artifacts"]["sensitivity"])
@@ -123,14 +137,16 @@ def test_submit_stop_resume_and_cache(head, tiny_shards, tmp_path):
     assert client.get_run(parent).info.status == "FINISHED"
     children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert {r.data.tags["pcpp.stage"] for r in children if "pcpp.stage" in r.data.tags} == set(STAGES)
-    assert any(r.data.tags.get("pcpp.rule") == "pc++" for r in children)  # the training runs are nested too
+    # The training run resumed its own MLflow run (nested under the stopped job's parent), now finished.
+    runs = client.search_runs([client.get_run(parent).info.experiment_id], "tags.`pcpp.status` = 'finished'")
+    assert any(r.data.tags.get("pcpp.rule") == "pc++" and r.data.tags.get("mlflow.parentRunId") for r in runs)
 
-    # 2. Resubmit: every stage is a cache hit.
+    # 3. Resubmit again: every stage is a cache hit.
     t0 = time.time()
-    second = submit(head, config, root)
-    wait_for(head, second, {"SUCCEEDED"})
+    third = submit(head, config, root)
+    wait_for(head, third, {"SUCCEEDED"})
     cached_seconds = time.time() - t0
     summary = json.loads((root / "summary.json").read_text())
     assert all(i["cached"] for i in summary["info"]), summary["info"]
-    print(f"full run {full_seconds:.1f} s, all cached {cached_seconds:.1f} s")
+    print(f"resumed run {full_seconds:.1f} s, all cached {cached_seconds:.1f} s")
     assert cached_seconds < 0.6 * full_seconds
