@@ -135,7 +135,8 @@ def size_summary(model: nn.Module) -> SizeSummary:
 
 
 # -- save / load -------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -196,7 +197,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> S
 
     summary = size_summary(model)
     summary.file_bytes = path.stat().st_size
-    manifest = {"format": FORMAT, "file": path.name, "sha256": _sha256(path), "recipe": recipe,
+    manifest = {"format": FORMAT, "file": path.name, "sha256": sha256_file(path), "recipe": recipe,
                 "layers": layers, "extra_norms": list(getattr(model, "pcpp_extra_norms", [])),
                 "layout": layout, "summary": summary.to_dict()}
     manifest_path(path).write_text(json.dumps(manifest, indent=1))
@@ -226,7 +227,7 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
     path = Path(path)
     manifest = _read_manifest(path)
     if verify:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != manifest["sha256"]:
             raise ValueError(f"export file {path} is corrupt or truncated: sha256 {digest[:12]}... does not match "
                              f"the manifest's {manifest['sha256'][:12]}...")

@@ -7,18 +7,14 @@ Each stage's config is a slice of this file; its key hashes that slice with its 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from cluster.local import resolve
 from pcpp.quantizers import get_rule, rule_names
 from pcpp.surgery import BinarizeSpec
 from stages.config import (
+    ConfigDocument,
     DistillConfig,
     DistributedConfig,
     ModelConfig,
@@ -110,7 +106,7 @@ class PipelineTracking:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(ConfigDocument):
     name: str = "pipeline"
     root: str = "runs"  # run root: artifacts/, work/, mlflow.db, mlartifacts/
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,14 +124,6 @@ class PipelineConfig:
         BinarizeSpec(weight=self.sensitivity.weight, activation=self.sensitivity.activation,
                      scaling=self.sensitivity.scaling)  # validates the scan's quantizer names
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def root_path(self) -> Path:

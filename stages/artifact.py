@@ -17,15 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pcpp.export import sha256_file as _sha256
+
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def canonical(obj) -> str:

@@ -92,8 +92,21 @@ class TrackingConfig:
     run_root: str = "runs"
 
 
+class ConfigDocument:
+    """Round trip of a top-level config dataclass: plain dict, YAML, and a short digest of its content."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigDocument):
     name: str = "run"
     seed: int = 0
     pipeline: str = "ft"  # ft: start from the teacher weights; e2e: random initialisation
@@ -117,14 +130,6 @@ class TrainConfig:
         if self.distill.enabled and not self.teacher:
             raise ValueError("distill.enabled needs teacher: PATH (the full-precision teacher)")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _is_dataclass_type(tp) -> bool:
