@@ -194,6 +194,15 @@ class BinaryMixin:
             return (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
         return ()
 
+    def _fill_twin(self, twin: nn.Module, binarized: bool) -> nn.Module:
+        """Copy the latent parameters into the torch twin, or the honest s sign(w*) with binarized=True."""
+        _copy_params(twin, self)
+        if binarized:
+            signs, s = self.binary_weight()
+            with torch.no_grad():
+                twin.weight.copy_(signs * s)
+        return twin
+
     def binary_config(self) -> dict:
         """The layer's binarization settings, serialisable (export manifest, MLflow params)."""
         return {
@@ -245,12 +254,7 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
                          padding=self.padding, dilation=self.dilation, groups=self.groups,
                          bias=self.bias is not None, padding_mode=self.padding_mode,
                          device=self.weight.device, dtype=self.weight.dtype)
-        _copy_params(conv, self)
-        if binarized:
-            signs, s = self.binary_weight()
-            with torch.no_grad():
-                conv.weight.copy_(signs * s)
-        return conv
+        return self._fill_twin(conv, binarized)
 
 
 class BinaryLinear(BinaryMixin, nn.Linear):
@@ -277,12 +281,7 @@ class BinaryLinear(BinaryMixin, nn.Linear):
     def to_float(self, binarized: bool = False) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        _copy_params(lin, self)
-        if binarized:
-            signs, s = self.binary_weight()
-            with torch.no_grad():
-                lin.weight.copy_(signs * s)
-        return lin
+        return self._fill_twin(lin, binarized)
 
 
 BINARY_TYPES = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
@@ -302,11 +301,12 @@ def set_binary_eval(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 @contextlib.contextmanager
-def binary_eval(model: nn.Module):
-    """Context: honest binarized forward and eval mode; restores both on exit."""
+def evaluation(model: nn.Module, honest: bool = True):
+    """Context: eval mode, binarized layers honest (or on their training forward with honest=False);
+    restores every module's training flag and every layer's honest flag on exit."""
     modes = {m: m.training for m in model.modules()}
     previous = {name: m.honest for name, m in binary_layers(model)}
-    set_binary_eval(model, True)
+    set_binary_eval(model, honest)
     model.eval()
     try:
         yield model
@@ -315,6 +315,11 @@ def binary_eval(model: nn.Module):
             m.honest = previous.get(name, False)
         for m, mode in modes.items():
             m.training = mode
+
+
+def binary_eval(model: nn.Module):
+    """Context: the honest binarized network in eval mode; restores both on exit."""
+    return evaluation(model, honest=True)
 
 
 def set_progress(model: nn.Module, progress: float) -> None:

@@ -119,7 +119,7 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
 
 
-def _first_and_head(model: nn.Module, leaves: list[tuple[str, nn.Module]]) -> tuple[str | None, str | None]:
+def first_and_head(model: nn.Module, leaves: list[tuple[str, nn.Module]]) -> tuple[str | None, str | None]:
     """timm records its first conv and classifier in pretrained_cfg; otherwise first and last leaf."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = [n for n, _ in leaves]
@@ -173,7 +173,7 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> Surg
 
     leaves = [(n, m) for n, m in model.named_modules() if n and (isinstance(m, BinaryMixin) or (
         not list(m.children()) and any(True for _ in m.parameters(recurse=False))))]
-    first, head = _first_and_head(model, leaves)
+    first, head = first_and_head(model, leaves)
 
     # An explicit include pattern (no wildcard) that names a layer of a type we cannot binarize is an error.
     for pattern in spec.include:

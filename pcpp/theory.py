@@ -24,18 +24,6 @@ from pcpp.quantizers.base import Quantizer, _Pair
 ArrayFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation (np.interp for torch): constant beyond the ends."""
-    xp = xp.to(x.device, torch.float64)
-    fp = fp.to(x.device, torch.float64)
-    xf = x.detach().to(torch.float64).clamp(xp[0], xp[-1])
-    i = torch.searchsorted(xp, xf, right=True).clamp(1, len(xp) - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    den = torch.where(x1 > x0, x1 - x0, torch.ones_like(x0))
-    out = f0 + (f1 - f0) * ((xf - x0) / den)
-    return out.to(x.dtype)
-
-
 @dataclass
 class Verdict:
     """Result of `check`: `admissible`, a readable `reason`, and for admissible pairs T and P."""

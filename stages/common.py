@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from pcpp import models
-from pcpp import nn as pnn
 from pcpp.surgery import binarize_
 from stages.artifact import Artifact, StageContext
 
@@ -43,20 +42,12 @@ def accuracy(model: torch.nn.Module, shard_dir: Path, model_name: str, *, limit:
              batch_size: int = 256, honest: bool = True) -> float:
     """Top-1 accuracy on a shard directory (the honest binarized network for binarized models)."""
     from stages.data import make_loader
+    from stages.engine import evaluate
 
     norm = models.normalization(model_name)
     loader = make_loader(shard_dir, train=False, batch_size=batch_size, epoch_length=limit,
                          mean=norm.mean, std=norm.std)
-    model.eval()
-    correct = total = 0
-    prev = {n: m.honest for n, m in pnn.binary_layers(model)}
-    pnn.set_binary_eval(model, honest)
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += y.numel()
-    for n, m in pnn.binary_layers(model):
-        m.honest = prev[n]
+    correct, total = evaluate(model, loader, next(model.parameters()).device, honest=honest)
     return correct / max(total, 1)
 
 

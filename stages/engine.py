@@ -120,18 +120,11 @@ def schedule_values(model: torch.nn.Module, rule, progress: float) -> dict:
 def evaluate(model, loader, device, honest: bool = True) -> tuple[int, int]:
     """(correct, total) of the honest binarized network (or the training forward with honest=False)."""
     correct = total = 0
-    was = model.training
-    model.eval()
-    prev = {n: m.honest for n, m in pnn.binary_layers(model)}
-    pnn.set_binary_eval(model, honest)
-    with torch.no_grad():
+    with pnn.evaluation(model, honest), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             correct += int((model(x).argmax(1) == y).sum())
             total += y.numel()
-    for n, m in pnn.binary_layers(model):
-        m.honest = prev[n]
-    model.train(was)
     return correct, total
 
 

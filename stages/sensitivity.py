@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pcpp import models
 from pcpp import nn as pnn
-from pcpp.surgery import BinarizeSpec, _first_and_head, binarize_
+from pcpp.surgery import BinarizeSpec, binarize_, first_and_head
 from stages.artifact import Artifact, StageContext
 from stages.config import build
 from stages.engine import evaluate
@@ -88,7 +88,7 @@ def blocks(model: nn.Module) -> list[str]:
     leaves = [(n, m) for n, m in model.named_modules()
               if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
     # the same rule binarize_ applies to keep the first layer and the head in full precision
-    kept = set(_first_and_head(model, leaves))
+    kept = set(first_and_head(model, leaves))
     out = []
     for name in candidates:
         layers = _layer_names(model.get_submodule(name), name)
