@@ -7,7 +7,11 @@ dF = 0 the integrand is free, so P is chosen increasing there (slope `free_slope
 (the paper's eq. (9) uses slope 1/mu outside [-1, 1]).
 
 Corollary 2: a continuously differentiable F with bounded-support derivative pairs with B = F'.
-`legitimize` turns a backward factor B into the admissible pair (int B, B), normalised to F(-inf) = -1.
+`legitimize` turns a backward factor B into the admissible pair (int B, B). The primitive is centred,
+F(-inf) = -F(+inf) = -(1/2) int B: an even B gives an odd F with F(0) = 0, and the registered Corollary 2
+pairs come back unchanged (legitimize(ede) = ede+, legitimize(bnn+) = bnn++, legitimize(poly) = poly+ at k = 1).
+Any other constant would do for Corollary 1 (T is defined up to one), but F(-inf) = -1 added k - 1 to
+EDE's F whenever int B = 2k != 2 (F(0) = 9 at t = 0.1).
 """
 
 from __future__ import annotations
@@ -159,10 +163,13 @@ def check(F, B=None, *, domain=(-3.0, 3.0), n: int = 60_000, free_slope: float =
 
 
 class Legitimized(Quantizer):
-    """The Corollary 2 pair built from a backward factor: F = -1 + int_{-inf}^w B, B unchanged."""
+    """The Corollary 2 pair built from a backward factor: F = int_{-inf}^w B - (1/2) int B, B unchanged.
+
+    Centred so that F(-inf) = -F(+inf); an even B gives an odd F (F(0) = 0).
+    """
 
     name = "legitimized"
-    forward_formula = "-1 + int_{-inf}^w B"
+    forward_formula = "int_{-inf}^w B - (1/2) int_{-inf}^{+inf} B"
     source = "Corollary 2"
 
     def __init__(self, backward: Quantizer | ArrayFn, label: str | None = None):
@@ -210,7 +217,11 @@ class Legitimized(Quantizer):
 
 
 def _primitive(B: ArrayFn, label: str, h_min: float = 1e-4, max_points: int = 1 << 21):
-    """Tabulate F(w) = -1 + int_{-L}^w B on [-L, L], L grown until B has vanished at both ends."""
+    """Tabulate F(w) = int_{-L}^w B - (1/2) int_{-L}^L B on [-L, L], L grown until B has vanished at both ends.
+
+    Centring on the table's own total makes F(-L) = -F(L) exactly, and, for an even B sampled on the
+    symmetric grid, F(0) = 0 up to rounding.
+    """
     L = 8.0
     while True:
         ends = B(torch.tensor([-L, L], dtype=torch.float64)).abs().max().item()
@@ -224,12 +235,17 @@ def _primitive(B: ArrayFn, label: str, h_min: float = 1e-4, max_points: int = 1 
     xs = torch.linspace(-L, L, n, dtype=torch.float64)
     bs = B(xs).double()
     steps = 0.5 * (bs[1:] + bs[:-1]) * (xs[1:] - xs[:-1])
-    fs = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)]) - 1.0
+    fs = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)])
+    fs -= 0.5 * fs[-1]
     return xs, fs, bs
 
 
 def legitimize(q: Quantizer | str | ArrayFn, **params) -> Legitimized:
-    """Corollary 2: the admissible pair whose F is the primitive of `q`'s B (F(-inf) = -1)."""
+    """Corollary 2: the admissible pair whose F is the primitive of `q`'s B, centred: F(-inf) = -F(+inf).
+
+    `q` is a registered name (its parameters as keywords), a Quantizer, or a callable B. Raises
+    ValueError when B does not vanish at +-inf (the primitive is unbounded).
+    """
     if isinstance(q, str):
         q = get_quantizer(q, **params)
     elif params:

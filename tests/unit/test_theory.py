@@ -115,7 +115,79 @@ def test_corollary_2_pairs_have_identity_P(name):
 W = torch.linspace(-3, 3, 6001, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("mu", [5.0, 30.0])
+def _hardtanh(w):
+    return w.clamp(-1.0, 1.0)
+
+
+def _rbnn_primitive(t: float, k: float):
+    """The centred primitive of R-BNN's k max(0, sqrt2 t - t^2 |w|): odd, +-k outside |w| <= sqrt2 / t."""
+
+    def F(w):
+        m = w.abs().clamp(max=2**0.5 / t)
+        return k * torch.sign(w) * (2**0.5 * t * m - 0.5 * t * t * m * m)
+
+    return F
+
+
+# What legitimize(name) must give, from the pair's parameters at a progress: a closed form or a registered
+# pair's F; None where B does not vanish at +-inf and legitimize refuses. Centred: F(-inf) = -F(+inf).
+EXPECTED_LEGIT = {
+    "fp": None,
+    "bc": None,
+    "pc": None,
+    "bnn": lambda p: _hardtanh,
+    "react": lambda p: _hardtanh,
+    "bnn+": lambda p: get("bnn++", mu=p["mu"]).F,
+    "bnn++": lambda p: get("bnn++", mu=p["mu"]).F,
+    "poly": lambda p: get("poly+", k=1.0).F,
+    "poly+": lambda p: get("poly+", k=p["k"]).F,
+    "rbnn": lambda p: _rbnn_primitive(p["t"], p["k"]),
+    "ede": lambda p: get("ede+", t=p["t"]).F,
+    "ede+": lambda p: get("ede+", t=p["t"]).F,
+}
+
+
+def test_expected_legit_covers_the_registry():
+    assert set(EXPECTED_LEGIT) == set(NAMES)
+
+
+@pytest.mark.parametrize("progress", PROGRESS)
+@pytest.mark.parametrize("name", NAMES)
+def test_legitimize_pins_the_centred_primitive(name, progress):
+    """legitimize(ede) = ede+ and legitimize(rbnn) = its odd primitive at every progress, bnn+ -> bnn++,
+    poly -> poly+ (k = 1), the Corollary 2 pairs unchanged; pairs whose B never vanishes are refused."""
+    q = get(name).set_progress(progress)
+    if EXPECTED_LEGIT[name] is None:
+        with pytest.raises(ValueError, match="unbounded"):
+            legitimize(get(name).set_progress(progress))
+        return
+    expected = EXPECTED_LEGIT[name](q.params)
+    L = legitimize(name).set_progress(progress)
+    scale = max(1.0, q.params.get("k", 1.0))
+    assert (L.F(W) - expected(W)).abs().max().item() < 2e-4 * scale
+    assert torch.equal(L.B(W), q.B(W))
+
+
+@pytest.mark.parametrize(
+    "name,progress,ends",
+    [
+        # ede/ede+: t = 0.1 * 100^p, k = max(1/t, 1): F runs from -k to k through 0
+        ("ede", 0.0, 10.0), ("ede", 0.25, 10**0.5), ("ede", 0.5, 1.0), ("ede", 1.0, 1.0),
+        ("ede+", 0.0, 10.0),
+        # rbnn: t = 10^(-2 + 3p), int B = 2k
+        ("rbnn", 0.0, 100.0), ("rbnn", 0.5, 10**0.5), ("rbnn", 1.0, 1.0),
+        ("bnn+", 0.0, 1.0), ("bnn++", 1.0, 1.0), ("poly", 0.0, 1.0), ("poly+", 1.0, 1.0),
+        ("bnn", 0.5, 1.0), ("react", 0.5, 1.0),
+    ],
+)
+def test_legitimize_values_at_minus_inf_zero_plus_inf(name, progress, ends):
+    # the old normalisation F(-inf) = -1 gave (-1, 9, 19) for ede and F(0) = 99 for rbnn at progress 0
+    L = legitimize(name).set_progress(progress)
+    F = L.F(torch.tensor([-1e4, 0.0, 1e4], dtype=torch.float64)).tolist()
+    assert F == pytest.approx([-ends, 0.0, ends], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("mu", [2.0, 5.0, 30.0])
 def test_legitimize_bnn_plus_is_bnn_plus_plus(mu):
     L = legitimize("bnn+", mu=mu)
     q = get("bnn++", mu=mu)
@@ -123,40 +195,23 @@ def test_legitimize_bnn_plus_is_bnn_plus_plus(mu):
     assert torch.equal(L.B(W), q.B(W))
 
 
-def test_legitimize_poly_is_poly_plus_at_k_1():
-    L = legitimize("poly")
-    assert (L.F(W) - get("poly+", k=1.0).F(W)).abs().max().item() < 1e-4
-
-
-@pytest.mark.parametrize("t", [1.0, 2.0, 10.0])
-def test_legitimize_ede_is_ede_plus_for_t_at_least_1(t):
-    # k = max(1/t, 1) = 1: the primitive of t (1 - tanh^2(t w)) from F(-inf) = -1 is tanh(t w), EDE+'s F
+@pytest.mark.parametrize("t", [0.1, 0.2, 0.5, 1.0, 2.0, 10.0])
+def test_legitimize_ede_is_ede_plus(t):
+    # k = max(1/t, 1): the centred primitive of k t (1 - tanh^2(t w)) is k tanh(t w), for t below 1 too
     L = legitimize("ede", t=t)
-    assert (L.F(W) - get("ede+", t=t).F(W)).abs().max().item() < 1e-4
+    assert (L.F(W) - get("ede+", t=t).F(W)).abs().max().item() < 1e-4 * max(1.0, 1.0 / t)
 
 
-@pytest.mark.parametrize("t", [0.2, 0.5])
-def test_legitimize_ede_for_t_below_1(t):
-    """k = 1/t > 1: the primitive normalised to F(-inf) = -1 is k tanh(t w) + k - 1.
-
-    EDE+ in the registry is k tanh(t w) (odd, F(0) = 0): the two differ by the constant k - 1, which
-    Corollary 2 allows (T is defined up to a constant); legitimize fixes it by F(-inf) = -1, so its F runs
-    from -1 to 2k - 1 and F(0) = k - 1.
-    """
-    k = 1.0 / t
-    L = legitimize("ede", t=t)
-    expected = k * torch.tanh(t * W) + k - 1
-    assert (L.F(W) - expected).abs().max().item() < 1e-4
-    assert (L.F(W) - (get("ede+", t=t).F(W) + k - 1)).abs().max().item() < 1e-4
+@pytest.mark.parametrize("k", [1.0, 4.0, 30.0])
+def test_legitimize_poly_plus_is_itself(k):
+    assert (legitimize("poly+", k=k).F(W) - get("poly+", k=k).F(W)).abs().max().item() < 1e-4 * k
 
 
 def test_legitimize_follows_progress():
     L = legitimize("ede")
-    for p in (0.0, 1.0, 0.0):
+    for p in (0.0, 1.0, 0.25, 0.0):
         L.set_progress(p)
-        t = 0.1 * 100.0**p
-        k = max(1.0 / t, 1.0)
-        assert (L.F(W) - (k * torch.tanh(t * W) + k - 1)).abs().max().item() < 1e-4
+        assert (L.F(W) - get("ede+").set_progress(p).F(W)).abs().max().item() < 1e-3
 
 
 def _vanishes_at_infinity(q) -> bool:
@@ -172,20 +227,34 @@ def test_legitimize_repairs_the_inadmissible_pairs(name):
 
 @pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("name", NAMES)
-def test_legitimized_pairs_are_admissible(name, progress):
-    """Corollary 2: (int B, B) is admissible whenever B vanishes at +-inf; otherwise legitimize refuses."""
+def test_legitimized_pairs_are_admissible_and_centred(name, progress):
+    """Corollary 2: (int B, B) is admissible whenever B vanishes at +-inf; otherwise legitimize refuses.
+    F(-inf) = -F(+inf), and where B is even, F is odd."""
     if not _vanishes_at_infinity(get(name).set_progress(progress)):
         with pytest.raises(ValueError, match="unbounded"):
             legitimize(name).set_progress(progress).F(W)
         return
     L = legitimize(name).set_progress(progress)
-    assert L.F(torch.tensor([-1e4], dtype=torch.float64)).item() == pytest.approx(-1.0, abs=1e-9)  # F(-inf)
+    lo, hi = L.F(torch.tensor([-1e4, 1e4], dtype=torch.float64)).tolist()
+    assert lo == pytest.approx(-hi, abs=1e-9) and hi > 0
+    if torch.equal(L.B(W), L.B(-W)):
+        assert (L.F(W) + L.F(-W)).abs().max().item() < 1e-9 * max(1.0, hi)
     v = check(L)
     assert v.admissible, str(v)
 
 
+def test_legitimize_centres_an_uneven_B():
+    # B = 1 on [0, 2]: int B = 2, so F runs from -1 (w <= 0) to +1 (w >= 2), F(1) = 0
+    L = legitimize(lambda w: ((w >= 0) & (w <= 2)).to(w.dtype))
+    assert (L.F(W) - (W.clamp(0, 2) - 1)).abs().max().item() < 2e-4
+    # B = 3 on [-1, 0]: int B = 3, F from -1.5 to 1.5, F(-0.5) = 0
+    L = legitimize(lambda w: 3.0 * ((w >= -1) & (w <= 0)).to(w.dtype))
+    assert (L.F(W) - (3 * W.clamp(-1, 0) + 1.5)).abs().max().item() < 6e-4
+    assert check(L).admissible
+
+
 def test_legitimize_callable():
-    L = legitimize(lambda w: (w.abs() <= 1).to(w.dtype))  # primitive from -1: the hard tanh
+    L = legitimize(lambda w: (w.abs() <= 1).to(w.dtype))  # the centred primitive: the hard tanh
     assert (L.F(W) - W.clamp(-1, 1)).abs().max().item() < 2e-4
     v = check(L)
     assert v.admissible, str(v)
