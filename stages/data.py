@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import pickle
@@ -19,6 +20,7 @@ import shutil
 import tarfile
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -128,40 +130,121 @@ class _FolderSource(_Source):
         return (self.root / self.items[index].name).read_bytes()
 
 
+def _normalise_member(name: str) -> str | None:
+    """A tar member name as a relative POSIX path ("./a//b" -> "a/b"), None for hidden or escaping ones."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or any(p.startswith(".") for p in parts):
+        return None  # hidden entries (and "..") are skipped, as the folder walk skips hidden directories
+    return "/".join(parts)
+
+
 class _TarSource(_Source):
-    """A plain tar of an ImageFolder tree, read member by member without extracting it."""
+    """An ImageFolder tree inside a tar archive (plain, .gz, .bz2 or .xz), read in one streaming pass.
+
+    The image members are copied, in archive order, into an uncompressed scratch file, so reading them
+    later in shuffled order never seeks back into a compressed stream (a gzip stream has no random
+    access: each backward seek decompresses again from the start).
+
+    Where the classes are, for every archive whatever its packing (`tar -C root .`, `./` prefixes, a
+    wrapping directory like `train/<class>/...`):
+    - names are normalised (leading `/` and `./` dropped) and hidden entries skipped, as in a folder;
+    - the ImageFolder root is the deepest directory that holds every image, so wrapping directories
+      are unwrapped whatever their depth;
+    - the classes are the root's sub-directories, and an image anywhere below a class directory belongs
+      to that class (`cats/kaggle/b.png` is a cat), as in a folder;
+    - images directly in the root: at the archive's top they belong to no class and are left out (as a
+      folder's files beside its class directories); a directory that holds only images is the one class
+      of a single-class archive; a directory that holds both images and image sub-directories is
+      refused, since it reads either as a root with stray files or as one class with nested folders.
+    """
 
     kind = "tar"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, scratch: Path | None = None, progress: bool = False):
+        self.path = path
+        self._spool = tempfile.TemporaryFile(dir=scratch)
         try:
-            self.tar = tarfile.open(path)
-            members = [m for m in self.tar.getmembers() if m.isreg() and _is_image(m.name)]
-        except tarfile.TarError as exn:
-            raise ValueError(f"cannot read tar {path}: {exn}") from exn
-        placed: dict[str, list[tarfile.TarInfo]] = {}
-        roots: set[str] = set()
-        for m in members:
-            parts = m.name.strip("/").split("/")
-            if len(parts) < 2:
-                continue  # like ImageFolder, files beside the class directories belong to no class
-            roots.add("/".join(parts[:-2]))
-            placed.setdefault(parts[-2], []).append(m)
-        if not placed:
-            raise ValueError(f"no images in class directories inside tar {path}")
-        if len(roots) > 1:
-            raise ValueError(f"tar {path} holds images under several roots {sorted(roots)[:5]}: not one ImageFolder")
-        (root,) = roots
-        self.classes = sorted(placed)
-        self._members = {m.name: m for m in members}
+            found = self._stream_images(path, progress)
+            root = self._root(path, list(found))
+        except BaseException:
+            self._spool.close()
+            raise
         strip = len(root) + 1 if root else 0
-        self.items = _items([[(m.name, m.name.strip("/")[strip:]) for m in placed[c]] for c in self.classes])
+        per_class: dict[str, list[tuple[str, str]]] = {}
+        for relative, (member, _, _) in found.items():
+            if root and not relative.startswith(root + "/"):
+                continue
+            inside = relative[strip:]
+            if "/" in inside:
+                per_class.setdefault(inside.split("/", 1)[0], []).append((member, inside))
+        if not per_class:
+            raise ValueError(f"tar {path} has no images in class directories (expected [<root>/]<class>/<image>)")
+        self.classes = sorted(per_class)
+        self.items = _items([per_class[c] for c in self.classes])
+        self._where = {member: (offset, size) for member, offset, size in found.values()}
+
+    def _stream_images(self, path: Path, progress: bool) -> dict[str, tuple[str, int, int]]:
+        """{normalised name: (member name, offset, size)} of the image members, spooled in one pass."""
+        found: dict[str, tuple[str, int, int]] = {}
+        last = None
+        try:
+            # "r|*": a forward-only stream of any compression tarfile knows
+            with tarfile.open(path, mode="r|*") as tar:
+                for member in tqdm(tar, desc=f"read {path.name}", unit="file", disable=not progress):
+                    tar.members = []  # stream mode keeps every header otherwise (webdataset does the same)
+                    last = member.name
+                    relative = _normalise_member(member.name)
+                    if relative is None or not _is_image(relative):
+                        continue
+                    if member.islnk():
+                        target = _normalise_member(member.linkname)
+                        if target in found:  # a hard link shares its target's content
+                            found[relative] = (member.name, *found[target][1:])
+                        continue
+                    if not member.isreg():
+                        continue
+                    offset = self._spool.seek(0, os.SEEK_END)
+                    shutil.copyfileobj(tar.extractfile(member), self._spool, 1 << 20)
+                    # a name stored twice is extracted as its last copy: keep that one
+                    found[relative] = (member.name, offset, member.size)
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exn:
+            where = f" after member {last!r}" if last else ""
+            raise ValueError(f"cannot read tar {path}{where}: {exn}") from exn
+        if not found:
+            raise ValueError(f"no images in tar {path} ({', '.join(IMG_EXTENSIONS)})")
+        return found
+
+    @staticmethod
+    def _root(path: Path, names: list[str]) -> str:
+        """The ImageFolder root inside the archive ("" for its top), by the rule in the class docstring."""
+        dirs = [n.split("/")[:-1] for n in names]
+        common = dirs[0]
+        for d in dirs[1:]:
+            n = 0
+            while n < min(len(common), len(d)) and common[n] == d[n]:
+                n += 1
+            common = common[:n]
+        depth = len(common)
+        direct = [n for n, d in zip(names, dirs) if len(d) == depth]
+        if not direct or depth == 0:
+            return "/".join(common)
+        nested = sorted({d[depth] for d in dirs if len(d) > depth})
+        if not nested:
+            return "/".join(common[:-1])  # a single-class archive: the directory is the class
+        top = "/".join(common)
+        raise ValueError(
+            f"tar {path}: {top!r} holds images directly ({direct[0]!r}) and in sub-directories "
+            f"({', '.join(nested[:5])}): it is either an ImageFolder root with stray files or one class with "
+            f"nested folders; archive the tree as root/<class>/.../<image> without images beside the classes"
+        )
 
     def read(self, index: int) -> bytes:
-        return self.tar.extractfile(self._members[self.items[index].name]).read()
+        offset, size = self._where[self.items[index].name]
+        self._spool.seek(offset)
+        return self._spool.read(size)
 
     def close(self) -> None:
-        self.tar.close()
+        self._spool.close()
 
 
 class _CifarSource(_Source):
@@ -218,7 +301,7 @@ class _CifarSource(_Source):
         return data[i]
 
 
-def _open_source(src: Path, split: str) -> _Source:
+def _open_source(src: Path, split: str, scratch: Path | None = None, progress: bool = False) -> _Source:
     if not src.exists():
         raise FileNotFoundError(f"data source {src} does not exist")
     if src.is_dir():
@@ -226,7 +309,7 @@ def _open_source(src: Path, split: str) -> _Source:
             return _CifarSource(src, split)
         return _FolderSource(src)
     if tarfile.is_tarfile(src):
-        return _TarSource(src)
+        return _TarSource(src, scratch, progress)
     raise ValueError(f"{src} is neither a directory (ImageFolder or CIFAR batches) nor a tar archive")
 
 
@@ -329,73 +412,86 @@ def prepare(
     if limit_per_class is not None and limit_per_class < 1:
         raise ValueError(f"limit_per_class must be positive, not {limit_per_class}")
     src, out = Path(src), Path(out)
-    source = _open_source(src, split)
+    if not src.exists():
+        raise FileNotFoundError(f"data source {src} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    # shards are written here and moved into `out` once all are complete; an archive's scratch copy too
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
     try:
-        selected = list(range(len(source.items)))
-        if limit_per_class is not None:
-            taken = [0] * len(source.classes)
-            selected = [i for i in selected if _take(taken, source.items[i].label, limit_per_class)]
-        if not selected:
-            raise ValueError(f"no images in {src}")
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed).shuffle(selected)
-
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+        source = _open_source(src, split, scratch=tmp, progress=progress)
         try:
-            sink = _ShardSink(tmp, shard_size)
-            counts = [0] * len(source.classes)
-            total, total_sq, pixels = np.zeros(3), np.zeros(3), 0
-            sizes: set[tuple[int, int]] = set()
-            skipped = []
-            for index in tqdm(selected, desc=f"prepare {src.name}", unit="img", disable=not progress):
-                item = source.items[index]
-                try:
-                    field, data, rgb = _encode(source.read(index))
-                except Exception as exn:
-                    if not skip_corrupt:
-                        raise ValueError(f"cannot decode image {item.name!r} in {src}: {exn}") from exn
-                    skipped.append(item.name)
-                    continue
-                sink.write(item.key, field, data, item.label)
-                counts[item.label] += 1
-                x = rgb.reshape(-1, 3).astype(np.float64) / 255.0
-                total += x.sum(0)
-                total_sq += (x * x).sum(0)
-                pixels += len(x)
-                sizes.add(rgb.shape[:2])
-            sink.finish()
-            num_samples = sum(counts)
-            if num_samples == 0:
-                raise ValueError(f"no decodable images in {src} ({len(skipped)} skipped)")
-            mean = total / pixels
-            std = np.sqrt(np.maximum(total_sq / pixels - mean * mean, 0.0))
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "source": str(src.resolve()),
-                "source_kind": source.kind,
-                "split": split if source.kind == _CifarSource.kind else None,
-                "classes": source.classes,
-                "num_classes": len(source.classes),
-                "num_samples": num_samples,
-                "class_counts": dict(zip(source.classes, counts)),
-                "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
-                "mean": [round(float(m), 6) for m in mean],
-                "std": [round(float(s), 6) for s in std],
-                "shard_size": shard_size,
-                "shuffle_seed": shuffle_seed,
-                "limit_per_class": limit_per_class,
-                "shards": sink.shards,
-                "num_skipped": len(skipped),
-                "skipped": skipped,
-            }
-            _install(tmp, out, manifest)
+            selected = list(range(len(source.items)))
+            if limit_per_class is not None:
+                taken = [0] * len(source.classes)
+                selected = [i for i in selected if _take(taken, source.items[i].label, limit_per_class)]
+            if shuffle_seed is not None:
+                random.Random(shuffle_seed).shuffle(selected)
+            manifest = _write_shards(source, selected, src, tmp, shard_size, skip_corrupt, progress)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            source.close()
+        manifest.update(
+            source=str(src.resolve()),
+            split=split if source.kind == _CifarSource.kind else None,
+            shuffle_seed=shuffle_seed,
+            limit_per_class=limit_per_class,
+        )
+        _install(tmp, out, manifest)
     finally:
-        source.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _write_shards(
+    source: _Source, selected: list[int], src: Path, tmp: Path, shard_size: int, skip_corrupt: bool, progress: bool
+) -> dict:
+    """Encode the selected items in order into shards under `tmp`; the manifest without its source fields."""
+    sink = _ShardSink(tmp, shard_size)
+    counts = [0] * len(source.classes)
+    total, total_sq, pixels = np.zeros(3), np.zeros(3), 0
+    sizes: set[tuple[int, int]] = set()
+    skipped = []
+    for index in tqdm(selected, desc=f"prepare {src.name}", unit="img", disable=not progress):
+        item = source.items[index]
+        try:
+            field, data, rgb = _encode(source.read(index))
+        except Exception as exn:
+            if not skip_corrupt:
+                raise ValueError(f"cannot decode image {item.name!r} in {src}: {exn}") from exn
+            skipped.append(item.name)
+            continue
+        sink.write(item.key, field, data, item.label)
+        counts[item.label] += 1
+        x = rgb.reshape(-1, 3).astype(np.float64) / 255.0
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        pixels += len(x)
+        sizes.add(rgb.shape[:2])
+    sink.finish()
+    num_samples = sum(counts)
+    if num_samples == 0:
+        raise ValueError(f"no decodable images in {src} ({len(skipped)} skipped)")
+    mean = total / pixels
+    std = np.sqrt(np.maximum(total_sq / pixels - mean * mean, 0.0))
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": None,
+        "source_kind": source.kind,
+        "split": None,
+        "classes": source.classes,
+        "num_classes": len(source.classes),
+        "num_samples": num_samples,
+        "class_counts": dict(zip(source.classes, counts)),
+        "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
+        "mean": [round(float(m), 6) for m in mean],
+        "std": [round(float(s), 6) for s in std],
+        "shard_size": shard_size,
+        "shuffle_seed": None,
+        "limit_per_class": None,
+        "shards": sink.shards,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+    }
 
 
 def _take(taken: list[int], label: int, limit: int) -> bool:
@@ -425,6 +521,11 @@ def verify(out: str | os.PathLike) -> dict:
         path = out / shard["name"]
         if not path.is_file():
             raise ValueError(f"shard {shard['name']} listed in {out / MANIFEST} is missing")
+        size = path.stat().st_size
+        if shard.get("bytes") is not None and size < shard["bytes"]:
+            for _ in _read_shard(path, shard, check_hash=False):  # raises, naming the last complete sample
+                pass
+            raise ValueError(f"shard {path} is truncated: {size} bytes, manifest says {shard['bytes']}")
         digest = _sha256(path)
         if digest != shard["sha256"]:
             raise ValueError(f"shard {shard['name']} is corrupted: sha256 {digest} != manifest {shard['sha256']}")
@@ -456,53 +557,119 @@ _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key.field, as webdataset
 
 
 def _read_shard(path: Path, expected: dict, check_hash: bool = True) -> Iterator[dict]:
-    """Samples of one shard (`__key__`, `__shard__`, fields), checked against its manifest entry."""
+    """Samples of one shard (`__key__`, `__shard__`, fields), checked against its manifest entry.
+
+    A damaged shard raises ValueError naming its file and what is wrong: truncated (inside a member's
+    data, inside a header, or before the end-of-archive marker, with the last complete sample), a
+    sample that lacks a member, not a tar at all, or altered (sha256).
+    """
     name = path.name
-    count, key, sample = 0, None, None
+    if not path.is_file():
+        raise ValueError(f"shard {path} listed in the manifest is missing")
+    size = path.stat().st_size
+    count, sample, member, last_complete = 0, None, None, None
     with open(path, "rb") as f:
         reader = _HashingReader(f)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
+            tar = tarfile.open(fileobj=reader, mode="r|")
+        except tarfile.TarError as exn:
+            raise _not_a_tar(path, size, expected, exn) from exn
+        try:
+            with tar:
                 for member in tar:
+                    tar.members = []  # stream mode keeps every header otherwise
                     if not member.isreg():
                         continue
                     match = _MEMBER.match(member.name)
                     if match is None:
-                        raise ValueError(f"shard {name}: member {member.name!r} is not key.field")
+                        raise ValueError(f"shard {path}: member {member.name!r} is not key.field")
                     key, field = match.group(1), match.group(2).lower()
                     data = tar.extractfile(member).read()
                     if sample is not None and sample["__key__"] != key:
-                        yield _checked(sample)
+                        yield _checked(sample, path, last_complete)
                         count += 1
-                        sample = None
+                        last_complete, sample = sample["__key__"], None
                     if sample is None:
                         sample = {"__key__": key, "__shard__": name}
                     if field in sample:
-                        raise ValueError(f"shard {name}: key {key!r} has field {field!r} twice")
+                        raise ValueError(f"shard {path}: key {key!r} has field {field!r} twice")
                     sample[field] = data
-            if sample is not None:
-                yield _checked(sample)
-                count += 1
-            digest = reader.drain()
+                end = tar.offset  # where the end-of-archive marker should start
         except (tarfile.TarError, OSError, EOFError) as exn:
-            raise ValueError(f"shard {name} is corrupt (last key read: {key!r}): {exn}") from exn
+            if member is not None and member.offset_data + member.size > size:
+                raise _truncated(path, f"inside the data of member {member.name!r}", sample, last_complete) from exn
+            raise ValueError(
+                f"shard {path} is corrupt after member {getattr(member, 'name', None)!r}: {exn}; "
+                f"last complete sample: {_complete(sample, last_complete)!r}"
+            ) from exn
+        digest = reader.drain()  # before any seek: the hash covers the file in order
+        _check_end(path, f, end, size, sample, last_complete)
+    if sample is not None:
+        yield _checked(sample, path, last_complete)
+        count += 1
     if count != expected["num_samples"]:
-        raise ValueError(f"shard {name}: read {count} samples, manifest says {expected['num_samples']}")
+        raise ValueError(f"shard {path}: read {count} samples, manifest says {expected['num_samples']}")
     if check_hash and digest != expected["sha256"]:
-        raise ValueError(f"shard {name}: sha256 {digest} != manifest {expected['sha256']} (altered shard)")
+        raise ValueError(f"shard {path}: sha256 {digest} != manifest {expected['sha256']} (altered shard)")
 
 
-def _checked(sample: dict) -> dict:
+def _complete(sample: dict | None, last_complete: str | None) -> str | None:
+    """The last complete sample: the one being read if it has all its fields, else the one before."""
+    if sample is not None and "cls" in sample and sum(f in sample for f in IMAGE_FIELDS) == 1:
+        return sample["__key__"]
+    return last_complete
+
+
+def _truncated(path: Path, where: str, sample: dict | None, last_complete: str | None) -> ValueError:
+    last = _complete(sample, last_complete)
+    return ValueError(
+        f"shard {path} is truncated: it ends {where}; last complete sample: "
+        + (repr(last) if last is not None else "none")
+        + " (prepare the data again, or copy the shard again)"
+    )
+
+
+def _check_end(path: Path, f, end: int, size: int, sample: dict | None, last_complete: str | None) -> None:
+    """After tarfile stopped at byte `end`: the rest must start with the end-of-archive marker.
+
+    In stream mode tarfile stops silently at a truncated or damaged header past the first one, so that
+    is told apart here, before the last pending sample would be judged to lack a member.
+    """
+    block = tarfile.BLOCKSIZE
+    f.seek(end)
+    tail = f.read(2 * block)
+    head = tail[:block]
+    if len(tail) == 2 * block and not tail.strip(b"\0"):
+        return
+    if head.strip(b"\0") and len(head) < block:
+        raise _truncated(path, f"inside a member header (bytes {end}..{size})", sample, last_complete)
+    if not head.strip(b"\0") and len(tail) < 2 * block:
+        raise _truncated(path, f"after its last member, without the end-of-archive marker (byte {size})", sample,
+                         last_complete)
+    raise ValueError(
+        f"shard {path} is corrupt: the block at byte {end} is neither a tar header nor the end-of-archive "
+        f"marker; last complete sample: {_complete(sample, last_complete)!r}"
+    )
+
+
+def _not_a_tar(path: Path, size: int, expected: dict, exn: Exception) -> ValueError:
+    if size < tarfile.BLOCKSIZE and size < (expected.get("bytes") or tarfile.BLOCKSIZE):
+        return _truncated(path, f"inside its first header ({size} bytes, less than one tar header)", None, None)
+    return ValueError(f"shard {path} is not a tar archive ({exn}): prepare the data again")
+
+
+def _checked(sample: dict, path: Path, last_complete: str | None) -> dict:
     fields = [f for f in IMAGE_FIELDS if f in sample]
     if len(fields) != 1 or "cls" not in sample:
         raise ValueError(
-            f"shard {sample['__shard__']}: key {sample['__key__']!r} has fields "
-            f"{sorted(k for k in sample if not k.startswith('__'))}, expected one of {IMAGE_FIELDS} and cls"
+            f"shard {path}: sample {sample['__key__']!r} lacks a member: it has fields "
+            f"{sorted(k for k in sample if not k.startswith('__'))}, expected one of {IMAGE_FIELDS} and cls; "
+            f"last complete sample before it: {last_complete!r}"
         )
     try:
         sample["__label__"] = int(sample["cls"])
     except ValueError as exn:
-        raise ValueError(f"shard {sample['__shard__']}: key {sample['__key__']!r} has bad cls: {exn}") from exn
+        raise ValueError(f"shard {path}: key {sample['__key__']!r} has bad cls: {exn}") from exn
     sample["__field__"] = fields[0]
     return sample
 

@@ -16,7 +16,9 @@ from PIL import Image
 from stages import data
 
 CLASSES = [f"c{i}" for i in range(10)]
-CIFAR_TEST_TAR = Path("/work/shared/data/cifar10-jpeg/test.tar")
+# ../shared beside the repository, as tests/integration/conftest.py finds it: never an absolute path
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+CIFAR_TEST_TAR = SHARED / "data" / "cifar10-jpeg" / "test.tar"
 
 
 def _jpeg(rng: np.random.Generator, size: int = 32) -> bytes:
@@ -350,7 +352,11 @@ def test_loader_defaults_from_manifest(shards):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not CIFAR_TEST_TAR.is_file(), reason="needs ../shared/data/cifar10-jpeg/test.tar")
+@pytest.mark.skipif(
+    not CIFAR_TEST_TAR.is_file(),
+    reason=f"needs the CIFAR-10 JPEG test tar at {CIFAR_TEST_TAR} (../shared/data/cifar10-jpeg/test.tar "
+    "beside the repository), which is absent on this machine",
+)
 def test_cifar10_jpeg_slice(tmp_path):
     manifest = data.prepare(CIFAR_TEST_TAR, tmp_path, shard_size=200, limit_per_class=50, progress=False)
     assert manifest["classes"] == [
