@@ -1,10 +1,17 @@
-"""The `pcpp` command line. Each subcommand imports what it needs only when it runs."""
+"""The `pcpp` command line. Each subcommand imports what it needs only when it runs.
+
+Importing `pipelines` first sets the loopback environment (cluster.local.loopback_env), before any
+subcommand can import Ray. Bad input, an unsatisfiable resource ask and MLflow errors end with exit
+status 2 and one line; a run that starts and fails ends with 3.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+import cluster  # noqa: F401  (first: keeps Ray on 127.0.0.1 unless RAY_ADDRESS names a cluster)
 
 
 def _parse_value(text: str):
@@ -126,10 +133,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from pipelines.sweep import format_trials, load_sweep, sweep
+    from pipelines.sweep import SweepFailed, format_trials, load_sweep, sweep
 
     cfg, base = load_sweep(args.config, args.overrides)
-    result = sweep(cfg, base)
+    try:
+        result = sweep(cfg, base)
+    except SweepFailed as e:
+        print(f"sweep failed: {e}", file=sys.stderr)
+        return 3
     print(format_trials(result, cfg.metric))
     return 0
 
@@ -205,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"pcpp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__module__.startswith("mlflow"):  # the store refused something: one line, no traceback
+            from stages.tracking import one_line
+
+            print(f"pcpp {args.command}: MLflow error: {one_line(e)}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

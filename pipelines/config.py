@@ -3,22 +3,28 @@
 Sections: model, data, teacher, binarize, pretrain, train, sensitivity, export, distributed, tracking.
 Unknown sections, keys and quantizer names are refused with the valid ones listed (stages.config.build).
 Each stage's config is a slice of this file; its key hashes that slice with its inputs' digests.
+Values are typed at load (stages.schema); relative paths are taken from the directory the command runs
+in and made absolute at load, so every stage and worker receives absolute paths.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.local import resolve
 from pcpp.quantizers import get_rule, rule_names
 from pcpp.surgery import BinarizeSpec
 from stages.config import (
+    PATH,
+    URI,
     ConfigDocument,
+    ConfigError,
     DistillConfig,
     DistributedConfig,
     ModelConfig,
     OptimConfig,
+    absolute,
     apply_overrides,
     build,
     read_yaml,
@@ -30,8 +36,8 @@ STAGES = ("data", "teacher", "pretrain", "train", "sensitivity", "export")
 
 @dataclass
 class PipelineData:
-    train: str = ""  # an ImageFolder tree, a tar (.tar / .tar.gz) of one, CIFAR batches, or a shard dir
-    test: str = ""
+    train: str = field(default="", metadata=PATH)  # an ImageFolder tree, a tar of one, CIFAR batches, shards
+    test: str = field(default="", metadata=PATH)
     shard_size: int = 1000
     batch_size: int = 128
     num_workers: int = 0
@@ -42,7 +48,7 @@ class PipelineData:
 @dataclass
 class TeacherStage:
     source: str = "file"  # file | mlflow | timm | train
-    path: str | None = None  # file: a checkpoint; timm: a weights file (None: the local HF cache)
+    path: str | None = field(default=None, metadata=PATH)  # file: a checkpoint; timm: a weights file (or the HF cache)
     uri: str | None = None  # mlflow: a model URI (runs:/<id>/model, models:/<name>/<version>)
     epochs: int = 1  # train: epochs of full-precision training
     lr: float = 1e-3
@@ -102,13 +108,13 @@ class ExportStage:
 @dataclass
 class PipelineTracking:
     experiment: str = "pcpp"
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
+    tracking_uri: str | None = field(default=None, metadata=URI)  # default: MLFLOW_TRACKING_URI, else <root>/mlflow.db
 
 
 @dataclass
 class PipelineConfig(ConfigDocument):
     name: str = "pipeline"
-    root: str = "runs"  # run root: artifacts/, work/, mlflow.db, mlartifacts/
+    root: str = field(default="runs", metadata=PATH)  # run root: artifacts/, work/, mlflow.db, mlartifacts/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PipelineData = field(default_factory=PipelineData)
     teacher: TeacherStage = field(default_factory=TeacherStage)
@@ -124,29 +130,31 @@ class PipelineConfig(ConfigDocument):
         BinarizeSpec(weight=self.sensitivity.weight, activation=self.sensitivity.activation,
                      scaling=self.sensitivity.scaling)  # validates the scan's quantizer names
 
-
     @property
     def root_path(self) -> Path:
         return Path(self.root).expanduser().resolve()
 
     def check_files(self) -> None:
         """Every input file named by the config exists: fail before any stage starts."""
+        missing = []
         for label, path in (("data.train", self.data.train), ("data.test", self.data.test)):
             if not path:
                 raise ValueError(f"{label} is required (an image folder, a tar of one, or a shard directory)")
-            if not resolve(path).exists():
-                raise FileNotFoundError(f"{label}: {resolve(path)} does not exist")
-        if self.teacher.source in ("file", "timm") and self.teacher.path and not resolve(self.teacher.path).exists():
-            raise FileNotFoundError(f"teacher.path: checkpoint {resolve(self.teacher.path)} does not exist")
-        ds = resolve(self.distributed.deepspeed)
-        if not ds.exists():
-            raise FileNotFoundError(f"distributed.deepspeed: {ds} does not exist")
+            if not os.path.exists(path):
+                missing.append(f"{label}: {path} does not exist")
+        if self.teacher.source in ("file", "timm") and self.teacher.path and not os.path.exists(self.teacher.path):
+            missing.append(f"teacher.path: checkpoint {self.teacher.path} does not exist")
+        if not os.path.exists(self.distributed.deepspeed):
+            missing.append(f"distributed.deepspeed: {self.distributed.deepspeed} does not exist")
+        if missing:
+            raise FileNotFoundError("; ".join(missing) + " (relative paths are taken from the directory pcpp runs in)")
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read and validate a pipeline YAML (overrides `section.key=value` applied first)."""
+    """Read, type and validate a pipeline YAML (overrides `section.key=value` applied first); relative paths
+    become absolute, taken from the working directory."""
     data = apply_overrides(read_yaml(path), overrides or [])
     try:
-        return build(PipelineConfig, data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        return absolute(build(PipelineConfig, data))
+    except ConfigError as e:
+        raise ConfigError([f"{path}: {e}"]) from None

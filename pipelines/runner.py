@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.local import ensure_ray, tracking_uri
+from cluster.local import check_resources, ensure_ray, tracking_uri
 from pipelines.config import PipelineConfig
 from stages.artifact import Artifact, StageContext, cached, commit, stage_key
+from stages.config import absolute
+from stages.tracking import experiment_id, one_line
 
 STAGE_FUNCTIONS = {
     "data": "stages.data:run",
@@ -145,14 +147,28 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
 
     `only` runs just those stages and what they depend on (e.g. ["teacher"] for a sweep's inputs).
     `inject_failure` ({"train": 1}) makes a training stage crash after that epoch (tests of resume).
+    Relative paths in `pc` are taken from the working directory (here, once). Whatever fails, the
+    parent run ends FAILED (KILLED on Ctrl-C), never RUNNING.
     """
+    pc = absolute(pc)
     pc.check_files()
     root = pc.root_path
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(root, pc.tracking.tracking_uri)
     parent = _parent_run(pc, uri, root) if log else None
-    ctx = StageContext(root=root, tracking_uri=uri if log else None, experiment=pc.tracking.experiment,
-                       parent_run_id=parent)
+    try:
+        ctx = StageContext(root=root, tracking_uri=uri if log else None, experiment=pc.tracking.experiment,
+                           parent_run_id=parent)
+        return _execute(pc, ctx, uri, only, inject_failure, on_ray_ready)
+    except PipelineFailed as e:
+        _finish_parent(uri, parent, "FAILED", str(e))
+        raise
+    except BaseException as e:
+        _finish_parent(uri, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", one_line(e))
+        raise
+
+
+def _execute(pc: PipelineConfig, ctx: StageContext, uri: str, only, inject_failure, on_ray_ready) -> PipelineResult:
     stages = plan(pc)
     if only:
         unknown = sorted(set(only) - {s.name for s in stages})
@@ -167,6 +183,10 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
     ray = ensure_ray()
     if on_ray_ready is not None:  # after ray.init, which installs signal handlers of its own
         on_ray_ready()
+    if {"pretrain", "train"} & {s.name for s in stages} or pc.teacher.source == "train":
+        d = pc.distributed  # the training stages' workers: refused now, not after the data stage
+        check_resources({"GPU": d.num_workers} if d.use_gpu else {"CPU": d.num_workers},
+                        f"distributed.num_workers={d.num_workers}" + (" with use_gpu" if d.use_gpu else ""))
     task = ray.remote(num_cpus=0, max_retries=0)(execute_stage)
     # The DAG on Ray: each stage task takes its upstream stages' ObjectRefs, so Ray runs a stage as soon
     # as its inputs exist (sensitivity beside pretrain / train) and fails downstream stages with it.
@@ -182,12 +202,11 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
     try:
         results = ray.get([refs[s.name] for s in stages])
     except Exception as e:
-        _finish_parent(uri, parent, "FAILED", _one_line(e))
         raise PipelineFailed(_one_line(e)) from None
     artifacts = {s.name: r[0] for s, r in zip(stages, results)}
     info = [r[1] for r in results]
-    _finish_parent(uri, parent, "FINISHED", "", info, artifacts)
-    return PipelineResult(artifacts, info, parent, uri, time.time() - started)
+    _finish_parent(uri, ctx.parent_run_id, "FINISHED", "", info, artifacts)
+    return PipelineResult(artifacts, info, ctx.parent_run_id, uri, time.time() - started)
 
 
 class PipelineFailed(RuntimeError):
@@ -220,9 +239,7 @@ def _parent_run(pc: PipelineConfig, uri: str, root: Path) -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(pc.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        pc.tracking.experiment, artifact_location=(root / "mlartifacts").as_uri())
+    exp_id = experiment_id(client, pc.tracking.experiment, root / "mlartifacts")
     run = client.create_run(exp_id, tags={MLFLOW_RUN_NAME: pc.name, "pcpp.kind": "pipeline",
                                           "pcpp.config_digest": pc.digest()})
     cfg_file = root / f"pipeline-{pc.digest()}.yaml"

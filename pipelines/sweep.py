@@ -10,20 +10,25 @@ pipeline YAML that `pcpp run` accepts.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from cluster.local import ensure_ray, resolve
+from cluster.local import check_resources, ensure_ray
 from pipelines.config import PipelineConfig, load_pipeline
 from pipelines.runner import run as run_pipeline
-from stages.config import apply_overrides, build, read_yaml
+from stages.config import PATH, ConfigError, absolute, apply_overrides, build, read_yaml
+from stages.engine import EPOCH_METRICS
+from stages.tracking import experiment_id, one_line
 
 SEARCHABLE = ("mu0", "muT", "rho0", "rhoT", "lr")
+TRIAL_CPU = 0.1  # the Tune trial itself only drives its Train workers, which hold the CPUs
 
 
 @dataclass
@@ -47,38 +52,63 @@ class SchedulerConfig:
 
 @dataclass
 class SweepConfig:
-    pipeline: str = ""  # the base pipeline YAML
-    overrides: list = field(default_factory=list)
-    search: dict = field(default_factory=dict)  # name -> Range; names: mu0, muT, rho0, rhoT, lr
+    pipeline: str = field(default="", metadata=PATH)  # the base pipeline YAML
+    overrides: list[str] = field(default_factory=list)
+    search: dict[str, Range] = field(default_factory=dict)  # names: mu0, muT, rho0, rhoT, lr
     num_samples: int = 4
     max_concurrent_trials: int = 2
     epochs: int = 2  # ASHA's max_t: the epochs of a trial that is never stopped
-    metric: str = "binary_acc"
+    metric: str = "binary_acc"  # one of the per-epoch metrics the trials report (stages.engine.EPOCH_METRICS)
     mode: str = "max"
     seed: int = 0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    out: str = ""  # where the best pipeline YAML goes (default: <root>/sweeps/<name>-best.yaml)
+    out: str = field(default="", metadata=PATH)  # the best pipeline YAML (default: <root>/sweeps/<name>-best.yaml)
 
     def __post_init__(self):
         unknown = sorted(set(self.search) - set(SEARCHABLE))
         if unknown:
             raise ValueError(f"unknown search parameters {unknown}; valid: {', '.join(SEARCHABLE)}")
-        self.search = {k: v if isinstance(v, Range) else build(Range, v, f"search.{k}") for k, v in self.search.items()}
+        if self.metric not in EPOCH_METRICS:
+            close = difflib.get_close_matches(self.metric, EPOCH_METRICS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"metric {self.metric!r} is not one the trials report{hint}; valid: "
+                             f"{', '.join(EPOCH_METRICS)}")
         if self.mode not in ("max", "min"):
             raise ValueError(f"unknown mode {self.mode!r}; valid: max, min")
         if self.num_samples < 1 or self.max_concurrent_trials < 1 or self.epochs < 1:
             raise ValueError("num_samples, max_concurrent_trials and epochs must be >= 1")
+        if self.scheduler.grace_period < 1 or self.scheduler.reduction_factor < 2:
+            raise ValueError("scheduler.grace_period must be >= 1 and scheduler.reduction_factor >= 2")
+
+
+def applicable(base: PipelineConfig) -> list[str]:
+    """The search parameters that change something in this base pipeline."""
+    from pcpp.quantizers import get
+
+    weight = base.binarize.weight
+    params = get(weight if isinstance(weight, str) else weight["name"]).param_schedules
+    out = ["mu0", "muT"] if "mu" in params else []
+    if "rho" in params or base.train.rule in ("pq", "rpc"):
+        out += ["rho0", "rhoT"]
+    return out + ["lr"]
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, PipelineConfig]:
+    """Read and check a sweep YAML and its base pipeline: every problem is reported before anything runs."""
     data = apply_overrides(read_yaml(path), overrides or [])
     try:
-        sweep = build(SweepConfig, data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        sweep = absolute(build(SweepConfig, data))
+    except ConfigError as e:
+        raise ConfigError([f"{path}: {e}"]) from None
     if not sweep.pipeline:
         raise ValueError(f"{path}: 'pipeline' (the base pipeline YAML) is required")
-    base = load_pipeline(resolve(sweep.pipeline), list(sweep.overrides))
+    base = load_pipeline(sweep.pipeline, list(sweep.overrides))
+    useless = [k for k in sweep.search if k not in applicable(base)]
+    if useless:
+        weight = base.binarize.weight
+        raise ValueError(f"{path}: search {useless} change nothing in {sweep.pipeline} (weight pair "
+                         f"{weight if isinstance(weight, str) else weight['name']!r}, rule {base.train.rule!r}); "
+                         f"searchable there: {', '.join(applicable(base))}")
     return sweep, base
 
 
@@ -105,7 +135,11 @@ def apply_trial(base: dict, values: dict) -> dict:
 
 
 def _trial(config: dict) -> None:
-    """One Tune trial: the engine on the cached data / teacher artifacts, reporting to Tune per epoch."""
+    """One Tune trial: the engine on the cached data / teacher artifacts, reporting to Tune per epoch.
+
+    The trial leaves its MLflow run open: only the sweep's driver knows, after Tune returns, whether the
+    scheduler stopped it, so only the driver sets the run's final status (no race with this process).
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -113,7 +147,8 @@ def _trial(config: dict) -> None:
     from stages.engine import fit
     from stages.train import _train_config
 
-    pc = build(PipelineConfig, apply_trial(config["base"], config["values"]))
+    values, sample = config["trial"]["values"], config["trial"]["sample"]
+    pc = build(PipelineConfig, apply_trial(config["base"], values))
     inputs = {k: load_artifact(Path(v)) for k, v in config["inputs"].items()}
     ctx = StageContext(root=Path(config["root"]), tracking_uri=config["tracking_uri"],
                        experiment=pc.tracking.experiment, parent_run_id=config["parent_run_id"])
@@ -124,9 +159,10 @@ def _trial(config: dict) -> None:
                         t.distill, ctx)
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = Path(config["root"]) / "sweeps" / config["sweep_name"] / trial_id
-    result = fit(cfg, run_dir=run_dir, parent_run_id=config["parent_run_id"], run_name=f"trial {trial_id}",
-                 callbacks=[TuneReportCallback()],
-                 run_tags={"pcpp.trial": trial_id, **{f"pcpp.search.{k}": str(v) for k, v in config["values"].items()}})
+    result = fit(cfg, run_dir=run_dir, parent_run_id=config["parent_run_id"], run_name=f"trial {sample}",
+                 callbacks=[TuneReportCallback()], close_run=False,
+                 run_tags={"pcpp.trial": trial_id, "pcpp.sample": str(sample),
+                           **{f"pcpp.search.{k}": str(v) for k, v in values.items()}})
     if not result.ok:
         raise RuntimeError(result.message)
 
@@ -141,36 +177,61 @@ class SweepResult:
 
     @property
     def stopped_early(self) -> int:
-        return sum(1 for t in self.trials if t["epochs"] < t["max_epochs"])
+        return sum(1 for t in self.trials if t["status"] == "stopped")
+
+
+class SweepFailed(RuntimeError):
+    pass
 
 
 def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
+    """Run the sweep; whatever fails, no MLflow run of it is left RUNNING."""
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    # Data and teacher once, through the pipeline's cache.
-    prefix = run_pipeline(base, only=["teacher"])
+    base = absolute(base)
+    base.check_files()
+    ensure_ray()
+    d = base.distributed
+    # One trial must fit on the cluster by itself (more run side by side when the CPUs allow).
+    check_resources({"CPU": TRIAL_CPU + (0 if d.use_gpu else d.num_workers), **({"GPU": d.num_workers}
+                                                                                if d.use_gpu else {})},
+                    f"a sweep trial (distributed.num_workers={d.num_workers})")
+    prefix = run_pipeline(base, only=["teacher"])  # data and teacher once, through the pipeline's cache
     root = base.root_path
     uri = prefix.tracking_uri
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(base.tracking.experiment)
+    exp_id = experiment_id(client, base.tracking.experiment, root / "mlartifacts")
     name = f"{base.name}-sweep-{base.digest()[:8]}"
-    parent = client.create_run(exp.experiment_id, tags={MLFLOW_RUN_NAME: name, "pcpp.kind": "sweep"}).info.run_id
+    parent = client.create_run(exp_id, tags={MLFLOW_RUN_NAME: name, "pcpp.kind": "sweep"}).info.run_id
+    try:
+        result = _run_trials(cfg, base, client, uri, parent, name, prefix)
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        _close_leftovers(client, parent, "KILLED" if interrupted else "FAILED", one_line(e))
+        client.set_tag(parent, "pcpp.message", one_line(e)[:5000])
+        client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
+        raise
+    client.set_terminated(parent, "FINISHED")
+    return result
+
+
+def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent: str, name: str, prefix):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    root = base.root_path
     for k, r in cfg.search.items():
         client.log_param(parent, f"search.{k}", f"{'log' if r.log else 'uniform'}[{r.low}, {r.high}]")
-
     # Sampled here from a seeded generator, then given to Tune as a grid: a sweep is reproducible.
     rng = random.Random(cfg.seed)
     samples = [{k: math.exp(rng.uniform(math.log(r.low), math.log(r.high))) if r.log else rng.uniform(r.low, r.high)
                 for k, r in cfg.search.items()} for _ in range(cfg.num_samples)]
-    ensure_ray()
-    trainable = tune.with_resources(_trial, {"cpu": 0.1})  # the trial only drives; its Train workers hold CPUs
+    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
     tuner = tune.Tuner(
         trainable,
-        param_space={"values": tune.grid_search(samples), "base": base.to_dict(), "epochs": cfg.epochs,
-                     "root": str(root),
+        param_space={"trial": tune.grid_search([{"sample": i, "values": v} for i, v in enumerate(samples)]),
+                     "base": base.to_dict(), "epochs": cfg.epochs, "root": str(root),
                      "inputs": {k: str(a.path) for k, a in prefix.artifacts.items()}, "tracking_uri": uri,
                      "parent_run_id": parent, "sweep_name": name},
         tune_config=tune.TuneConfig(
@@ -179,43 +240,84 @@ def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
             scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.scheduler.grace_period,
                                     reduction_factor=cfg.scheduler.reduction_factor),
         ),
-        run_config=tune.RunConfig(name=name, storage_path=str(root / "tune")),
+        run_config=tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1),
     )
     grid = tuner.fit()
-    trials = []
-    for r in grid:
-        epochs = int((r.metrics or {}).get("epoch", 0))
-        trials.append({"values": r.config["values"], "epochs": epochs, "max_epochs": cfg.epochs,
-                       "metric": (r.metrics or {}).get(cfg.metric), "error": str(r.error) if r.error else None})
-    _close_trial_runs(client, root / "sweeps" / name, cfg.epochs)
-    best = grid.get_best_result(metric=cfg.metric, mode=cfg.mode, scope="last")
-    best_values = best.config["values"]
+    trials = _close_trial_runs(client, parent, grid, cfg)
+    ok = [t for t in trials if t["status"] in ("finished", "stopped") and _finite(t["metric"])]
+    if not ok:
+        first = next((t["error"] for t in trials if t["error"]), "no trial reported a finite metric")
+        raise SweepFailed(f"no trial of sweep {name} finished ({len(trials)} trials): {first}")
+    finished = [t for t in ok if t["status"] == "finished"]  # compared at the same epoch when there are any
+    best = (max if cfg.mode == "max" else min)(finished or ok, key=lambda t: t["metric"])
+    best_values = best["values"]
     best_dict = apply_trial(base.to_dict(), best_values)
     best_dict["name"] = f"{base.name}-best"
     out = Path(cfg.out) if cfg.out else root / "sweeps" / f"{name}-best.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# Best of sweep {name}: {cfg.metric} = {best.metrics.get(cfg.metric)} ({cfg.mode}) with "
+    header = (f"# Best of sweep {name}: {cfg.metric} = {best['metric']} ({cfg.mode}) with "
               f"{json.dumps(best_values)}\n# Run it with: pcpp run {out}\n")
     out.write_text(header + yaml.safe_dump(best_dict, sort_keys=False))
     client.log_artifact(parent, str(out))
-    client.log_metric(parent, f"best_{cfg.metric}", float(best.metrics.get(cfg.metric, float("nan"))))
-    client.set_terminated(parent, "FINISHED")
-    return SweepResult(best_values, best.metrics.get(cfg.metric), out, trials, parent)
+    client.log_metric(parent, f"best_{cfg.metric}", float(best["metric"]))
+    return SweepResult(best_values, best["metric"], out, trials, parent)
 
 
-def _close_trial_runs(client, sweep_dir: Path, max_epochs: int) -> None:
-    """Tune ends a trial at its last report (ASHA's max_t, or a stop decision) before the engine closes its
-    MLflow run: close it here, KILLED and tagged stopped_early when it ran fewer epochs than the budget."""
-    for id_file in sweep_dir.glob("*/mlflow_run_id"):
-        run_id = id_file.read_text().strip()
-        if client.get_run(run_id).info.status != "RUNNING":
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _trial_runs(client, parent: str) -> dict[int, object]:
+    exp_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
+    return {int(r.data.tags["pcpp.sample"]): r for r in runs if "pcpp.sample" in r.data.tags}
+
+
+def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig) -> list[dict]:
+    """Every trial's MLflow run ends with the status Tune's outcome gives it, set here, after Tune returned.
+
+    finished: all epochs ran (FINISHED); stopped: the scheduler ended it early without an error (KILLED,
+    tag pcpp.stopped_early); diverged or failed: the trial raised (FAILED, with the one-line message).
+    The trials never set these themselves, so the outcome does not depend on which process is faster.
+    """
+    runs = _trial_runs(client, parent)
+    trials = []
+    for r in grid:
+        sample = r.config["trial"]["sample"]
+        metrics = r.metrics or {}
+        epochs = int(metrics.get("epoch", 0) or 0)
+        error = one_line(r.error) if r.error else None
+        if error:
+            status = "diverged" if "diverged:" in error else "failed"
+        else:
+            status = "finished" if epochs >= cfg.epochs else "stopped"
+        trials.append({"sample": sample, "values": r.config["trial"]["values"], "epochs": epochs,
+                       "max_epochs": cfg.epochs, "metric": metrics.get(cfg.metric), "status": status, "error": error})
+        run = runs.get(sample)
+        if run is None:  # the trial failed before its run existed
             continue
-        history = id_file.parent / "epochs.jsonl"
-        done = len(history.read_text().splitlines()) if history.exists() else 0
-        early = done < max_epochs
-        client.set_tag(run_id, "pcpp.status", "stopped_early" if early else "finished")
-        client.set_tag(run_id, "pcpp.epochs_done", str(done))
-        client.set_terminated(run_id, "KILLED" if early else "FINISHED")
+        mlflow_status = {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
+        client.set_tag(run.info.run_id, "pcpp.status", status)
+        client.set_tag(run.info.run_id, "pcpp.epochs_done", str(epochs))
+        client.set_tag(run.info.run_id, "pcpp.stopped_early", str(status == "stopped").lower())
+        if error:
+            client.set_tag(run.info.run_id, "pcpp.message", error[:5000])
+        client.set_terminated(run.info.run_id, mlflow_status)
+    return sorted(trials, key=lambda t: t["sample"])
+
+
+def _close_leftovers(client, parent: str, status: str, message: str) -> None:
+    """After a failure of the sweep itself: no trial run stays RUNNING."""
+    try:
+        runs = _trial_runs(client, parent)
+    except Exception as e:  # the store itself failed: nothing more can be closed
+        print(f"warning: could not close the trial runs of sweep run {parent}: {one_line(e)}", file=sys.stderr)
+        return
+    for run in runs.values():
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "pcpp.status", "failed" if status == "FAILED" else "stopped")
+            client.set_tag(run.info.run_id, "pcpp.message", f"sweep ended: {message}"[:5000])
+            client.set_terminated(run.info.run_id, status)
 
 
 def format_trials(result: SweepResult, metric: str) -> str:
@@ -224,10 +326,10 @@ def format_trials(result: SweepResult, metric: str) -> str:
         m = t["metric"]
         lines.append(f"{i:<6} {t['epochs']:>6} {m if m is None else f'{m:.4f}':>12}  "
                      + ", ".join(f"{k}={v:.4g}" for k, v in t["values"].items())
-                     + (f"  ERROR {t['error'][:80]}" if t["error"] else ""))
+                     + f"  {t['status']}" + (f": {t['error'][:100]}" if t["error"] else ""))
     lines.append(f"{result.stopped_early} of {len(result.trials)} trials stopped early by ASHA")
     lines.append(f"best: {json.dumps(result.best_values)} -> {result.best_yaml}")
     return "\n".join(lines)
 
 
-__all__ = ["Range", "SweepConfig", "apply_trial", "format_trials", "load_sweep", "sweep"]
+__all__ = ["Range", "SweepConfig", "SweepFailed", "apply_trial", "applicable", "format_trials", "load_sweep", "sweep"]

@@ -5,6 +5,9 @@ progress = step / total steps, the pair (or the rule's latent forward) runs, the
 optimizer step. Per epoch: honest binarized evaluation, metrics to MLflow (rank 0), a DeepSpeed
 checkpoint under the run directory; a rerun resumes from the last complete epoch. A non-finite loss or
 weight ends the run with status `diverged` and a one-line message instead of a traceback.
+
+The driver (`fit`) checks everything it can before Ray and MLflow start (stages.preflight): inputs,
+batches, a resume's ZeRO stage and world size, then the cluster's resources once Ray is up.
 """
 
 from __future__ import annotations
@@ -19,21 +22,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.local import ensure_ray, resolve, tracking_uri
+from cluster.local import check_resources, deepspeed_file, ensure_ray, resolve, tracking_uri
 from pcpp import models
 from pcpp import nn as pnn
 from pcpp.distill import kd_loss
 from pcpp.quantizers import Quantizer, get_rule
 from pcpp.surgery import binarize_
-from stages.config import TrainConfig, build
+from stages.config import TrainConfig, absolute, build
+from stages.preflight import CHECKPOINTS, check_batches, check_inputs, check_resume
+from stages.tracking import flatten, start_training_run  # noqa: F401  (flatten: public helper of this module)
 
-CHECKPOINTS = "checkpoints"
 RESULT = "result.json"
+# What every epoch reports (to MLflow, epochs.jsonl and Ray Train / Tune), besides the schedule values
+# (w_mu, a_mu, rule_rho, ...) and `epoch`: the metrics a sweep may optimise.
+EPOCH_METRICS = ("loss", "lr", "train_forward_acc", "binary_acc", "forward_acc", "forward_binary_gap",
+                 "soft_fraction", "flip_ratio", "overflow_rate", "epoch_time_s", "images_per_s")
 
 
 @dataclass
 class TrainResult:
-    status: str  # finished | diverged | failed
+    status: str  # finished | diverged | failed (| stopped, set by a sweep for trials its scheduler stopped)
     message: str
     run_dir: str
     run_id: str | None
@@ -67,7 +75,7 @@ def build_teacher(cfg: TrainConfig):
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    path = resolve(cfg.distributed.deepspeed)
+    path = deepspeed_file(cfg.distributed.deepspeed)
     if not path.exists():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (distributed.deepspeed)")
     ds = json.loads(path.read_text())
@@ -280,59 +288,12 @@ def train_worker(config: dict) -> None:
             torch.save(engine.module.state_dict(), final / "model.pt")
         (run_dir / RESULT).write_text(json.dumps({"status": status, "message": message, "metrics": metrics,
                                                   "epochs_done": _epochs_done(run_dir)}))
-    if status == "diverged":
-        ray.train.report({"diverged": 1.0})
+    if status == "diverged":  # every metric (NaN), so that a Tune scheduler watching one of them accepts it
+        ray.train.report({"epoch": _epochs_done(run_dir) + 1, **{k: math.nan for k in EPOCH_METRICS},
+                          "diverged": 1.0})
 
 
 # -- the driver ----------------------------------------------------------------------------------------
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def start_mlflow_run(cfg: TrainConfig, run_dir: Path, uri: str, parent_run_id: str | None = None,
-                     run_name: str | None = None, nested_tags: dict | None = None) -> str:
-    """Create (or reuse, on resume) the MLflow run of this training run; returns its id."""
-    from mlflow import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    client = MlflowClient(uri)
-    id_file = run_dir / "mlflow_run_id"
-    if id_file.exists():
-        run_id = id_file.read_text().strip()
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        artifacts = Path(cfg.tracking.run_root).expanduser().resolve() / "mlartifacts"
-        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts.as_uri())
-    else:
-        exp_id = exp.experiment_id
-    tags = {MLFLOW_RUN_NAME: run_name or cfg.name, "pcpp.pipeline": cfg.pipeline,
-            "pcpp.rule": cfg.algorithm.rule, **(nested_tags or {})}
-    if cfg.binarize is not None:
-        tags.update({"pcpp.task": cfg.binarize.task, "pcpp.units": cfg.binarize.units,
-                     "pcpp.variant": cfg.binarize.weight if isinstance(cfg.binarize.weight, str)
-                     else cfg.binarize.weight.get("name", "?")})
-    else:
-        tags.update({"pcpp.task": "FP", "pcpp.variant": "fp"})
-    if parent_run_id:
-        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(exp_id, tags=tags)
-    run_id = run.info.run_id
-    params = flatten(cfg.to_dict())
-    for k, v in params.items():
-        client.log_param(run_id, k[:250], str(v)[:6000])
-    id_file.write_text(run_id)
-    return run_id
-
-
 def _failure_message(error: BaseException | None) -> str:
     """One line: the error type and the innermost cause (Ray wraps worker errors in several layers)."""
     if error is None:
@@ -349,41 +310,44 @@ def _epochs_done(run_dir: Path) -> int:
 
 def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: str | None = None,
         run_name: str | None = None, log_to_mlflow: bool = True, fail_after_epoch: int | None = None,
-        callbacks: list | None = None, run_tags: dict | None = None) -> TrainResult:
+        callbacks: list | None = None, run_tags: dict | None = None, close_run: bool = True) -> TrainResult:
     """Run one training job on Ray Train; resumes from `run_dir`'s last checkpoint when there is one.
 
+    Relative paths in `cfg` are taken from the working directory, here, once; workers get absolute ones.
     `fail_after_epoch` makes the workers raise after checkpointing that epoch (tests of resume).
+    `close_run=False` leaves the MLflow run's status and `pcpp.status` to the caller (a sweep, which
+    alone knows whether its scheduler stopped the trial); metrics and artifacts are logged either way.
     """
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from cluster.train_backend import torch_config
+
+    cfg = absolute(cfg)
     run_dir = Path(run_dir) if run_dir else Path(cfg.tracking.run_root) / "train" / f"{cfg.name}-{cfg.digest()}"
     run_dir = run_dir.expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    for required in ("train", "test"):
-        path = getattr(cfg.data, required)
-        if not path or not (resolve(path) / "manifest.json").exists():
-            raise FileNotFoundError(f"data.{required} = {path!r} is not a shard directory with a manifest.json "
-                                    f"(make one with `pcpp prepare SRC OUT`)")
-    if cfg.teacher and not resolve(cfg.teacher).exists():
-        raise FileNotFoundError(f"teacher checkpoint {resolve(cfg.teacher)} does not exist")
-    # Fail before Ray starts on a bad model / teacher / spec.
-    build_model(cfg)
-
-    uri = tracking_uri(cfg.tracking.run_root, cfg.tracking.tracking_uri)
-    run_id = start_mlflow_run(cfg, run_dir, uri, parent_run_id, run_name, run_tags) if log_to_mlflow else None
-    (run_dir / RESULT).unlink(missing_ok=True)
+    d = cfg.distributed
+    check_inputs(cfg)
+    check_batches(cfg, d.num_workers)
+    build_model(cfg)  # a bad model / teacher / spec fails here, before Ray starts
+    check_resume(run_dir, deepspeed_config(cfg, d.num_workers), d.num_workers)
 
     ensure_ray()
-    d = cfg.distributed
+    check_resources({"GPU": d.num_workers} if d.use_gpu else {"CPU": d.num_workers},
+                    f"distributed.num_workers={d.num_workers}" + (" with use_gpu" if d.use_gpu else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    uri = tracking_uri(cfg.tracking.run_root, cfg.tracking.tracking_uri)
+    run_id = start_training_run(cfg, run_dir, uri, parent_run_id, run_name, run_tags) if log_to_mlflow else None
+    (run_dir / RESULT).unlink(missing_ok=True)
+
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": cfg.to_dict(), "run_dir": str(run_dir), "run_id": run_id, "tracking_uri": uri,
                            "fail_after_epoch": fail_after_epoch},
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker=None if d.use_gpu else {"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        torch_config=torch_config(d.use_gpu),
         run_config=RunConfig(name=f"{cfg.name}-{cfg.digest()}", storage_path=str(run_dir / "ray"),
                              callbacks=callbacks or None),
     )
@@ -402,11 +366,12 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
-        client.set_tag(run_id, "pcpp.status", res["status"])
-        if res["message"]:
-            client.set_tag(run_id, "pcpp.message", res["message"][:5000])
         client.log_artifact(run_id, str(run_dir / "config.yaml"))
         if (run_dir / "final" / "model.pt").exists():
             client.log_artifact(run_id, str(run_dir / "final" / "model.pt"), artifact_path="checkpoint")
-        client.set_terminated(run_id, status="FINISHED" if res["status"] == "finished" else "FAILED")
+        if close_run:
+            client.set_tag(run_id, "pcpp.status", res["status"])
+            if res["message"]:
+                client.set_tag(run_id, "pcpp.message", res["message"][:5000])
+            client.set_terminated(run_id, status="FINISHED" if res["status"] == "finished" else "FAILED")
     return TrainResult(res["status"], res["message"], str(run_dir), run_id, res["metrics"], res["epochs_done"])

@@ -16,9 +16,11 @@ from stages.artifact import Artifact, StageContext
 from stages.common import accuracy, log_to_run, recipe_of, save_model, shard_dirs
 
 
-def _from_mlflow(uri: str) -> dict:
+def _from_mlflow(uri: str, tracking_uri: str | None) -> dict:
     import mlflow.pytorch
 
+    if tracking_uri:  # runs:/ and models:/ URIs are looked up in the pipeline's store, not the process default
+        mlflow.set_tracking_uri(tracking_uri)
     try:
         model = mlflow.pytorch.load_model(uri, map_location="cpu")
     except Exception as e:
@@ -55,7 +57,7 @@ def run(cfg: dict, inputs: dict[str, Artifact], out: Path, ctx: StageContext) ->
         if t.source == "file":
             models.load_checkpoint(model, resolve(t.path))
         else:
-            state = _from_mlflow(t.uri)
+            state = _from_mlflow(t.uri, ctx.tracking_uri)
             tmp = out / "mlflow_state.pt"
             torch.save(state, tmp)
             models.load_checkpoint(model, tmp)

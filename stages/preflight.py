@@ -1,0 +1,96 @@
+"""Checks a training run passes on the driver before Ray workers or an MLflow run start.
+
+Each failure is one line naming the value and what would work: missing inputs, an epoch without a
+single batch, a batch that does not split over the workers, and a resume from a DeepSpeed checkpoint
+written with another ZeRO stage or world size (DeepSpeed would fail deep inside `load_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cluster.local import deepspeed_file
+
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+
+
+def _manifest(cfg, split: str) -> dict:
+    path = getattr(cfg.data, split)
+    if not path or not (Path(path) / MANIFEST).exists():
+        raise FileNotFoundError(f"data.{split} = {path!r} is not a shard directory with a {MANIFEST} "
+                                f"(make one with `pcpp prepare SRC OUT`)")
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def check_inputs(cfg) -> None:
+    """Shards, checkpoints and the DeepSpeed file the config names exist."""
+    for split in ("train", "test"):
+        _manifest(cfg, split)
+    for key in ("teacher", "init"):
+        path = getattr(cfg, key)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{key}: checkpoint {path} does not exist")
+    ds = deepspeed_file(cfg.distributed.deepspeed)
+    if not ds.exists():
+        raise FileNotFoundError(f"distributed.deepspeed: {ds} does not exist (a preset: cpu, v100; or a JSON file)")
+
+
+def check_batches(cfg, world: int) -> None:
+    """Every rank trains on at least one full batch per epoch and evaluates on at least one sample.
+
+    The training loader drops the last partial batch (every rank takes the same number of equal steps),
+    so an epoch shorter than one batch would train on nothing: refused here, naming both sizes.
+    """
+    d = cfg.data
+    if d.batch_size % world:
+        raise ValueError(f"data.batch_size {d.batch_size} does not split over {world} workers "
+                         f"(distributed.num_workers): use a multiple of {world}")
+    train, test = _manifest(cfg, "train"), _manifest(cfg, "test")
+    for split, m in (("train", train), ("test", test)):
+        if len(m["shards"]) < world:
+            raise ValueError(f"data.{split} has {len(m['shards'])} shard(s) for {world} workers: prepare it with a "
+                             f"smaller shard size (at least one shard per worker)")
+    samples = d.epoch_length or train["num_samples"]
+    where = f"data.epoch_length {d.epoch_length}" if d.epoch_length else f"data.train's {samples} samples"
+    if samples // world < d.batch_size // world:
+        raise ValueError(f"an epoch would train on no batch: {where} is fewer than one batch of data.batch_size "
+                         f"{d.batch_size} (the last partial batch is dropped): use data.batch_size <= "
+                         f"{samples - samples % world} or more samples")
+    if d.eval_limit is not None and d.eval_limit < world:
+        raise ValueError(f"data.eval_limit {d.eval_limit} leaves some of the {world} workers without a test sample")
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def checkpoint_layout(run_dir: Path) -> tuple[str, int, int] | None:
+    """(tag, ZeRO stage, data-parallel world size) of the run directory's latest DeepSpeed checkpoint."""
+    import torch
+
+    ckpt = Path(run_dir) / CHECKPOINTS
+    if not (ckpt / "latest").exists():
+        return None
+    tag = (ckpt / "latest").read_text().strip()
+    states = ckpt / tag / "mp_rank_00_model_states.pt"
+    if not states.exists():
+        return None
+    # DeepSpeed's own record of how it wrote the checkpoint (its config and world size); mmap: no weights read.
+    state = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
+    return tag, zero_stage(state.get("ds_config") or {}), int(state.get("dp_world_size", 1))
+
+
+def check_resume(run_dir: Path, ds_config: dict, world: int) -> None:
+    """A rerun resumes only a checkpoint of the same ZeRO stage and world size (DeepSpeed shards by both)."""
+    layout = checkpoint_layout(run_dir)
+    if layout is None:
+        return
+    tag, stage0, world0 = layout
+    stage = zero_stage(ds_config)
+    if (stage0, world0) != (stage, world):
+        raise ValueError(f"run dir {run_dir} holds a DeepSpeed checkpoint ({tag}) written with ZeRO stage {stage0} "
+                         f"on {world0} worker(s); this run asks for ZeRO stage {stage} on {world}: rerun with "
+                         f"distributed.zero_stage={stage0} distributed.num_workers={world0}, or use another run "
+                         f"directory")
