@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from pcpp.export import sha256_file
 from stages import data
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -231,7 +232,7 @@ def test_loader_names_shard_and_key_of_an_undecodable_sample(folder, tmp_path):
         for i, s in enumerate(samples):
             payload = b"not a jpeg" if i == 7 else s["data"]
             writer.write({"__key__": s["key"], "jpg": payload, "cls": str(s["label"]).encode()})
-    target["sha256"] = data._sha256(out / target["name"])
+    target["sha256"] = sha256_file(out / target["name"])
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=f"{target['name']}.*{samples[7]['key']}"):
         list(data.make_loader(out, train=True, batch_size=10, num_workers=2))

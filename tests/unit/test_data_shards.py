@@ -14,6 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from pcpp.export import sha256_file
 from stages import data
 
 pytestmark = pytest.mark.unit
@@ -123,7 +124,7 @@ def _rewrite(out: Path, drop: set[str]) -> list[str]:
             fields = {"png": s["data"], "cls": str(s["label"]).encode()}
             writer.write({"__key__": s["key"], **{k: v for k, v in fields.items() if f"{s['key']}.{k}" not in drop}})
     entry = manifest["shards"][0]
-    entry.update(sha256=data._sha256(out / SHARD), bytes=(out / SHARD).stat().st_size)
+    entry.update(sha256=sha256_file(out / SHARD), bytes=(out / SHARD).stat().st_size)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return [s["key"] for s in samples]
 

@@ -158,13 +158,61 @@ def test_archive_without_class_directories_is_refused(tmp_path):
         data.prepare(archive, tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tar.gz")])
-def test_truncated_archive_names_the_file(mode, suffix, tmp_path):
+@pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tar.gz"), ("w:xz", ".tar.xz")])
+def test_cut_compressed_stream_names_the_file(mode, suffix, tmp_path):
     archive = _write_tar(tmp_path / f"src{suffix}", _files(), "", mode)
     blob = archive.read_bytes()
     archive.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match=rf"cannot read tar .*src{suffix}"):
+    with pytest.raises(ValueError, match=rf"src{suffix} is truncated: (it ends inside member|its compressed stream)"):
         data.prepare(archive, tmp_path / "out", progress=False)
+
+
+# where a tar (compressed whole afterwards, or not) is cut: member index -> byte offset in the tar
+TAR_CUTS = {
+    "inside a header": (lambda m: m.offset + 200, "is truncated: it ends inside the header after member"),
+    "inside a member's data": (lambda m: m.offset_data + m.size // 2, "is truncated: it ends inside member"),
+    "between members": (lambda m: m.offset, "is truncated: it ends after member .* without the end-of-archive"),
+}
+
+
+@pytest.mark.parametrize("compress", [None, "gz", "bz2"])
+@pytest.mark.parametrize("cut", sorted(TAR_CUTS))
+def test_truncated_tar_is_refused_not_read_short(cut, compress, tmp_path):
+    """A cut tar used to give fewer images without a word (tarfile stops quietly at a short header)."""
+    import bz2
+    import gzip
+
+    plain = _write_tar(tmp_path / "src.tar", _files())
+    with tarfile.open(plain) as tar:
+        members = tar.getmembers()
+    at, message = TAR_CUTS[cut]
+    blob = plain.read_bytes()[: at(members[len(members) // 2])]
+    path = tmp_path / ("cut.tar" + (f".{compress}" if compress else ""))
+    path.write_bytes({None: lambda b: b, "gz": gzip.compress, "bz2": bz2.compress}[compress](blob))
+    with pytest.raises(ValueError, match=rf"cut\.tar.*{message}"):
+        data.prepare(path, tmp_path / "out", progress=False)
+
+
+def test_damaged_header_inside_a_tar_is_refused(tmp_path):
+    plain = _write_tar(tmp_path / "src.tar", _files())
+    with tarfile.open(plain) as tar:
+        members = tar.getmembers()
+    blob = bytearray(plain.read_bytes())
+    blob[members[3].offset + 5] ^= 0xFF
+    plain.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=rf"src\.tar is damaged: the header after member {members[2].name!r}"):
+        data.prepare(plain, tmp_path / "out", progress=False)
+
+
+def test_tar_without_end_marker_zero_blocks_cut_is_accepted(reference, tmp_path):
+    # only the end-of-archive marker is cut short: every member is there, as GNU tar accepts it
+    plain = _write_tar(tmp_path / "src.tar", _files())
+    with tarfile.open(plain) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + last.size + (-(last.offset_data + last.size) % 512)
+    plain.write_bytes(plain.read_bytes()[: end + 100])
+    manifest = data.prepare(plain, tmp_path / "out", shard_size=3, progress=False)
+    assert manifest["class_counts"] == reference[0]["class_counts"]
 
 
 def _bytes_read() -> int:
