@@ -14,6 +14,9 @@ prefixes, a wrapping directory like ../shared's `train/<class>/...`):
 A tree archived from inside one class directory whose images all sit in sub-folders cannot be told from
 an ImageFolder root and is read as one (as a folder would be): archive the root above the classes.
 
+Links: hard links and symbolic links to an image inside the archive are read as that image (a folder walk
+follows links too); links that point outside the archive are skipped.
+
 Reading: the archive is decompressed once, front to back. A compressed archive's image members are copied
 into an uncompressed scratch file as they pass, so the shuffled reads that follow never seek back into
 the compressed stream (a gzip stream has no random access: each backward seek decompresses again from the
@@ -26,6 +29,7 @@ import bz2
 import gzip
 import lzma
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -47,6 +51,15 @@ def normalise_member(name: str) -> str | None:
     if not parts or any(p.startswith(".") for p in parts):
         return None  # hidden entries (and "..") are skipped, as the folder walk skips hidden directories
     return "/".join(parts)
+
+
+def _link_target(link: tarfile.TarInfo) -> str | None:
+    """The normalised member a hard link (named from the archive's top) or a symlink (relative to its own
+    directory, or absolute from the top) points to."""
+    if link.islnk():
+        return normalise_member(link.linkname)
+    base = posixpath.dirname(link.name.lstrip("/")) if not link.linkname.startswith("/") else ""
+    return normalise_member(posixpath.normpath(posixpath.join(base, link.linkname.lstrip("/"))))
 
 
 def _open_stream(path: Path):
@@ -121,6 +134,7 @@ class TarSource(Source):
         Offsets are into the archive itself when it is plain, into the scratch copy when compressed.
         """
         found: dict[str, tuple[str, int, int]] = {}
+        links: list[tuple[str, tarfile.TarInfo]] = []
         member = None
         stream, compressed = _open_stream(path)
         # a plain archive is read in place later; a compressed one from its uncompressed scratch copy
@@ -133,10 +147,8 @@ class TarSource(Source):
                     relative = normalise_member(member.name)
                     if relative is None or not is_image(relative):
                         continue
-                    if member.islnk():
-                        target = normalise_member(member.linkname)
-                        if target in found:  # a hard link shares its target's content
-                            found[relative] = (member.name, *found[target][1:])
+                    if member.islnk() or member.issym():
+                        links.append((relative, member))
                         continue
                     if not member.isreg():
                         continue
@@ -147,6 +159,10 @@ class TarSource(Source):
                     # a name stored twice is extracted as its last copy: keep that one
                     found[relative] = (member.name, offset, member.size)
                 _check_end(path, recorder, tar.offset, member)
+            for relative, link in links:  # a link shares its target's content, as a folder walk follows it
+                target = _link_target(link)
+                if target in found and relative not in found:
+                    found[relative] = (link.name, *found[target][1:])
         except _READ_ERRORS as exn:
             if member is not None and member.offset_data + member.size > recorder.end:
                 raise ValueError(f"tar {path} is truncated: it ends inside member {member.name!r} ({exn})") from exn

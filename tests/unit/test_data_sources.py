@@ -129,6 +129,25 @@ def test_tar_made_by_tar_C_root_dot_matches_the_folder(reference, tmp_path):
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference[0]["shards"]]
 
 
+@pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tar.gz")])
+def test_links_inside_the_archive_read_as_their_target(mode, suffix, tmp_path):
+    """Hard links and symbolic links (relative, to a later member too) give the image they point to, as a
+    folder walk follows them; a link pointing outside the archive is skipped."""
+    root = _write_folder(tmp_path / "tree", _files())
+    os.link(root / "cats/a.png", root / "dogs/hard.png")
+    os.symlink("../cats/kaggle/b.png", root / "dogs/soft.png")
+    os.symlink("../dogs/show/e.png", root / "birds/ahead.png")  # birds/ is archived before dogs/
+    folder = data.prepare(root, tmp_path / "a", progress=False)
+    with tarfile.open(tmp_path / f"t{suffix}", mode) as tar:
+        tar.add(root, arcname="train")  # stores the hard link as LNKTYPE, the symlinks as SYMTYPE
+        info = tarfile.TarInfo("train/dogs/outside.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "../../../etc/hostname.png"
+        tar.addfile(info)
+    packed = data.prepare(tmp_path / f"t{suffix}", tmp_path / "b", progress=False)
+    assert packed["class_counts"] == folder["class_counts"] == {"birds": 3, "cats": 3, "dogs": 4}
+    assert [s["sha256"] for s in packed["shards"]] == [s["sha256"] for s in folder["shards"]]
+
+
 def test_stray_images_at_the_top_are_left_out_as_in_a_folder(tmp_path):
     files = _files()
     files["stray.png"] = _image("stray.png", 99)
