@@ -3,10 +3,13 @@
 Binarized weights are stored as 1 bit each (sign(w*); 1 = +1) plus one fp32 scale per layer or channel;
 every other tensor of the state dict is stored as it is. Tensors are laid flat, one buffer per dtype,
 so the file is the ideal size plus a few hundred bytes of header; the manifest records the model recipe
-(name, constructor arguments), each binarized layer's settings and the per-tensor layout.
+(name, constructor arguments), each binarized layer's settings (pairs, scaling, activation placement,
+whether it has an activation threshold), the model's signed-input layout (pcpp.placement) and the
+per-tensor layout. Activation thresholds are state-dict tensors and are stored as they are.
 
 `save(model, path)` returns the size summary; `load(path)` returns the model in honest binarized-eval
-mode, whose logits equal those of the exported model under `binary_eval`.
+mode, whose logits equal those of the exported model under `binary_eval` (BW, BWA, BWAA, with
+thresholds and any activation placement).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pcpp import placement
 from pcpp.nn import BINARY_TYPES, BinaryMixin, binary_layers, set_binary_eval
 from pcpp.quantizers import from_state
 
@@ -199,6 +203,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> S
     summary.file_bytes = path.stat().st_size
     manifest = {"format": FORMAT, "file": path.name, "sha256": sha256_file(path), "recipe": recipe,
                 "layers": layers, "extra_norms": list(getattr(model, "pcpp_extra_norms", [])),
+                "activation_layout": dict(getattr(model, "pcpp_activation_layout", None) or {}),
                 "layout": layout, "summary": summary.to_dict()}
     manifest_path(path).write_text(json.dumps(manifest, indent=1))
     return summary
@@ -217,6 +222,21 @@ def _read_manifest(path: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{mpath}: unknown export format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
+
+
+def _layer_kwargs(cfg: dict) -> dict:
+    """Layer constructor arguments from a manifest's layer settings (binary_config).
+
+    Manifests written before activation placements record neither key: their activations were sign(x)
+    of the raw input ("none", no threshold) unless ReAct learned a beta, which becomes the threshold.
+    """
+    act = cfg["act_quantizer"]
+    learned = act is not None and bool(act.get("options", {}).get("learnable_beta"))
+    return dict(weight_quantizer=from_state(cfg["weight_quantizer"]),
+                act_quantizer=None if act is None else from_state(act), scaling=cfg["scaling"], units=cfg["units"],
+                accumulator_bits=cfg["accumulator_bits"],
+                activation_placement=cfg.get("activation_placement", "none"),
+                act_threshold=cfg.get("act_threshold", learned) if act is not None else False)
 
 
 def load(path: str | Path, *, verify: bool = True) -> nn.Module:
@@ -244,13 +264,14 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
         if cls is None or cls.__name__ != cfg["type"]:
             raise ValueError(f"{path}: layer {name} is a {type(m).__name__} in {recipe['name']}, "
                              f"the manifest says {cfg['type']}")
-        new = cls.from_float(m, weight_quantizer=from_state(cfg["weight_quantizer"]),
-                             act_quantizer=None if cfg["act_quantizer"] is None else from_state(cfg["act_quantizer"]),
-                             scaling=cfg["scaling"], units=cfg["units"], accumulator_bits=cfg["accumulator_bits"])
+        new = cls.from_float(m, **_layer_kwargs(cfg))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     for name in manifest.get("extra_norms", []):
         add_attention_norm(model.get_submodule(name))
+    layout = manifest.get("activation_layout") or {}
+    if layout:
+        placement.apply_(model, layout["placement"], layout["convs"])
 
     state = {}
     bits, scales = tensors["binary.bits"], tensors["binary.scales"]
@@ -267,7 +288,12 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
             state[entry["key"]] = signs * s
         else:
             buf = tensors[f"flat.{entry['group']}"]
-            state[entry["key"]] = buf[entry["offset"]: entry["offset"] + entry["numel"]].reshape(shape)
+            key = entry["key"]
+            value = buf[entry["offset"]: entry["offset"] + entry["numel"]].reshape(shape)
+            if key.endswith(".act_quantizer.beta"):  # exports before layer-owned thresholds: ReAct's own beta
+                key = key[: -len("act_quantizer.beta")] + "act_threshold"
+                value = value.expand(model.get_submodule(_owner(key)).input_channels).clone()
+            state[key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("frozen_scale")]
     if missing or unexpected:

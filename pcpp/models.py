@@ -77,11 +77,24 @@ class BasicBlock(nn.Module):
             self.shortcut: nn.Module = ZeroPadShortcut(in_planes, planes, stride)
         else:
             self.shortcut = nn.Identity()
+        # pcpp.placement "pre_relu": conv1 / conv2 read the pre-activation their ReLU receives.
+        self.signed_conv1 = False
+        self.signed_conv2 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
+
+    def forward_preact(self, p: torch.Tensor, relu_in: nn.Module) -> torch.Tensor:
+        """The block on the pre-activation p of its input (x = relu_in(p)); returns its own, before relu2.
+
+        Equal to `forward` on relu_in(p) when no conv is signed: only signed convs see p (or bn1's output).
+        """
+        x = relu_in(p)
+        h = self.bn1(self.conv1(p if self.signed_conv1 else x))
+        out = self.bn2(self.conv2(h if self.signed_conv2 else self.relu1(h)))
+        return out + self.shortcut(x)
 
 
 class CifarResNet(nn.Module):
@@ -108,9 +121,54 @@ class CifarResNet(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*blocks)
 
+    def blocks(self) -> list[tuple[str, BasicBlock]]:
+        return [(f"layer{i}.{j}", b) for i, layer in enumerate((self.layer1, self.layer2, self.layer3), 1)
+                for j, b in enumerate(layer)]
+
+    def activation_feeds(self) -> dict[str, list[str]]:
+        """Which ReLU module feeds which convs: the stem's and each relu2 feed the next block's conv1,
+        relu1 its block's conv2 (the last relu2 feeds the pooled head only, so it is absent)."""
+        feeds, prev = {}, "relu"
+        for name, _ in self.blocks():
+            feeds.setdefault(prev, []).append(f"{name}.conv1")
+            feeds[f"{name}.relu1"] = [f"{name}.conv2"]
+            prev = f"{name}.relu2"
+        return feeds
+
+    def set_signed_inputs(self, placement: str, convs: list[str]) -> list[str]:
+        """Give the convs named in `convs` a signed input (pcpp.placement); returns the modules changed.
+
+        "hardtanh": each ReLU module feeding one of them becomes nn.Hardtanh(-1, 1) (IR-Net / Bi-Real).
+        "pre_relu": they read their ReLU's input (the sign before the ReLU); every other path keeps the
+        ReLU output. No parameter is added or renamed. Raises ValueError for another placement.
+        """
+        wanted = set(convs)
+        changed = []
+        if placement == "hardtanh":
+            for relu, fed in self.activation_feeds().items():
+                if wanted & set(fed) and not isinstance(self.get_submodule(relu), nn.Hardtanh):
+                    parent, _, child = relu.rpartition(".")
+                    setattr(self.get_submodule(parent) if parent else self, child, nn.Hardtanh(-1.0, 1.0))
+                    changed.append(relu)
+            return changed
+        if placement != "pre_relu":
+            raise ValueError(f"unknown signed-input layout {placement!r}; valid: hardtanh, pre_relu")
+        for name, block in self.blocks():
+            for attr, conv in (("signed_conv1", "conv1"), ("signed_conv2", "conv2")):
+                if f"{name}.{conv}" in wanted:
+                    setattr(block, attr, True)
+                    changed.append(f"{name}.{conv}")
+        return changed
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+        if not any(b.signed_conv1 or b.signed_conv2 for _, b in self.blocks()):
+            x = self.relu(self.bn1(self.conv1(x)))
+            return self.layer3(self.layer2(self.layer1(x)))
+        # "pre_relu": carry pre-activations between blocks so that a signed conv can read them.
+        p, relu_in = self.bn1(self.conv1(x)), self.relu
+        for _, block in self.blocks():
+            p, relu_in = block.forward_preact(p, relu_in), block.relu2
+        return relu_in(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(torch.flatten(self.pool(self.forward_features(x)), 1))

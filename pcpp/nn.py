@@ -7,8 +7,14 @@ Scale convention (DESIGN.md): with a scale s (mean |w*| per layer, the paper's p
 output channel), a weight pair acts in units of s: output s F(w*/s), gradient B(w*/s). `units="raw"`
 applies the pair to w* itself and multiplies by s afterwards. Activation pairs act on raw activations.
 
-Honest (binarized-eval) mode, `binary_eval(model)`: weights s sign(w*), activations sign(x) (ReAct:
-sign(x - beta)), accumulators wrapped. Every reported binary accuracy is measured in that mode.
+Activation thresholds (DESIGN.md, "Activation binarization sees signed inputs"; ReActNet's RSign): with
+`activation_placement="threshold"` a BWA/BWAA layer owns `act_threshold`, a learnable beta of one entry
+per channel of its input (dim -3 of a conv input, the last dim of a Linear input), and the activation
+pair acts on x - beta: forward F(x - beta), gradient B(x - beta) to x and -B(x - beta) to beta.
+`pcpp.calibration` sets beta to the per-channel median for fine-tuning; it starts at 0 otherwise.
+
+Honest (binarized-eval) mode, `binary_eval(model)`: weights s sign(w*), activations sign(x - beta),
+accumulators wrapped. Every reported binary accuracy is measured in that mode.
 
 BWAA (WrapNet, Ni et al. 2020): the dot products of +-1 operands, integers, wrap to `accumulator_bits`
 two's complement; the gradient passes straight through the wrap. Layers count the overflow rate.
@@ -30,7 +36,19 @@ from pcpp.quantizers import Quantizer
 SCALINGS = ("none", "layer", "channel")
 UNITS = ("scaled", "raw")
 ACCUMULATOR_BITS = (None, 8)
-_EPS = 1e-8
+# Where a binarized activation gets its signed input (DESIGN.md): a learnable per-channel threshold, the
+# model's block layout (pcpp.placement: hardtanh in place of the ReLU, or the sign before the ReLU), or
+# nothing ("none": sign(x) of the raw input, for inputs that are signed already).
+PLACEMENTS = ("threshold", "hardtanh", "pre_relu", "none")
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """The smallest positive normal number of a floating dtype: the floor of a divisor in that dtype.
+
+    A fixed 1e-8 underflows to 0 in float16 (smallest normal 6.1e-5), so a dead channel's scale became 0
+    and w / s NaN; finfo(dtype).tiny is representable in every dtype and keeps w / s finite.
+    """
+    return torch.finfo(dtype).tiny
 
 
 def _choice(what: str, value, valid) -> None:
@@ -76,29 +94,61 @@ class _WrapSTE(torch.autograd.Function):
         return grad, None
 
 
+def _activation_pair(spec, channels: int) -> tuple[Quantizer | None, float | None]:
+    """(the layer's activation pair, the init of a learnable threshold it asks for, or None).
+
+    ReAct's `learnable_beta` asks for a per-channel learnable beta: inside a layer that is the layer's
+    `act_threshold`, sized from the layer (a `channels` that disagrees is refused), and the pair keeps a
+    fixed beta of 0 so that the shift is applied once.
+    """
+    q = make_quantizer(spec)
+    if q is None or not q.opts.get("learnable_beta"):
+        return q, None
+    wanted = q.opts.get("channels")
+    if wanted is not None and wanted != channels:
+        raise ValueError(f"activation pair {q.name!r} asks for channels={wanted}, but this layer's input has "
+                         f"{channels} channels: drop 'channels' (the threshold is sized from each layer)")
+    return quantizers.get(q.name), float(q.param_schedules["beta"](0.0))
+
+
 class BinaryMixin:
-    """Shared machinery of the binarized layers; `_op(x, w, bias)` is the torch op of the twin."""
+    """Shared machinery of the binarized layers; `_op(x, w, bias)` is the torch op of the twin.
+
+    Subclasses define `input_channels` (channels of the input, what a threshold is sized by) and
+    `_input_view(v)` (a per-input-channel vector shaped to broadcast against the input).
+    """
 
     def _init_binary(self, weight_quantizer="bnn++", act_quantizer=None, scaling="layer", units="scaled",
-                     accumulator_bits=None):
+                     accumulator_bits=None, activation_placement="threshold", act_threshold=None):
         _choice("scaling", scaling, SCALINGS)
         _choice("units", units, UNITS)
         _choice("accumulator_bits", accumulator_bits, ACCUMULATOR_BITS)
+        _choice("activation_placement", activation_placement, PLACEMENTS)
         self.weight_quantizer = make_quantizer(weight_quantizer)
         if self.weight_quantizer is None:
             raise ValueError("a binarized layer needs a weight quantizer (use 'fp' for full precision)")
-        self.act_quantizer = make_quantizer(act_quantizer)
+        self.act_quantizer, beta0 = _activation_pair(act_quantizer, self.input_channels)
         if accumulator_bits is not None and self.act_quantizer is None:
             raise ValueError("accumulator_bits needs an activation quantizer: BWAA binarizes weights, "
                              "activations and accumulators (use act_quantizer='bnn++' or another pair)")
+        if act_threshold is None:
+            act_threshold = self.act_quantizer is not None and (activation_placement == "threshold"
+                                                               or beta0 is not None)
+        if act_threshold and self.act_quantizer is None:
+            raise ValueError("act_threshold=True needs an activation quantizer (BWA / BWAA)")
         self.scaling = scaling
         self.units = units
         self.accumulator_bits = accumulator_bits
+        self.activation_placement = activation_placement
         self.honest = False
         self.latent_forward = False  # set by pq / rpc / ptb: the training forward uses w* itself
+        w = self.weight
+        self.act_threshold = nn.Parameter(torch.full((self.input_channels,), beta0 or 0.0, device=w.device,
+                                                     dtype=w.dtype)) if act_threshold else None
         self.register_buffer("frozen_scale", None)
-        self.register_buffer("overflow_count", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("accumulator_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        # int64 counters: .half() casts floating buffers, and float16 counts saturate at 65504.
+        self.register_buffer("overflow_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("accumulator_count", torch.zeros((), dtype=torch.int64), persistent=False)
 
     # -- weights ---------------------------------------------------------------------------------
     def weight_scale(self) -> torch.Tensor:
@@ -109,9 +159,9 @@ class BinaryMixin:
         if self.scaling == "none":
             return torch.ones((), dtype=w.dtype, device=w.device)
         if self.scaling == "layer":
-            return w.detach().abs().mean().clamp_min(_EPS)
+            return w.detach().abs().mean().clamp_min(tiny(w.dtype))
         dims = tuple(range(1, w.dim()))
-        return w.detach().abs().mean(dim=dims, keepdim=True).clamp_min(_EPS)
+        return w.detach().abs().mean(dim=dims, keepdim=True).clamp_min(tiny(w.dtype))
 
     def unit_weight(self) -> torch.Tensor:
         """The weight in units of s (+-1 when binary), with the pair's autograd in training."""
@@ -136,10 +186,18 @@ class BinaryMixin:
             return float(((u.abs() - 1.0).abs() > 0.01).double().mean())
 
     # -- activations -------------------------------------------------------------------------------
+    def shift_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x - beta along the input channels (x itself without a threshold); what the pair binarizes."""
+        if self.act_threshold is None:
+            return x
+        return x - self._input_view(self.act_threshold)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation pair on x - beta: F in training, the honest sign under binary_eval."""
         q = self.act_quantizer
         if q is None:
             return x
+        x = self.shift_input(x)
         return q.binarize(x) if self.honest else q(x)
 
     # -- forward -----------------------------------------------------------------------------------
@@ -147,14 +205,18 @@ class BinaryMixin:
         x = self.quantize_input(x)
         if self.accumulator_bits is None:
             return self._op(x, self.effective_weight(), self.bias)
-        acc = self._op(x, self.unit_weight(), None)
+        # The integer dot products in float32: float16 holds integers exactly only up to 2048 and bfloat16
+        # up to 256, past which the wrap would act on rounded sums.
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            acc = self._op(x.float(), self.unit_weight().float(), None)
         with torch.no_grad():
             half = 2 ** (self.accumulator_bits - 1)
-            self.overflow_count += ((acc < -half) | (acc > half - 1)).sum().double()
+            self.overflow_count += ((acc < -half) | (acc > half - 1)).sum()
             self.accumulator_count += acc.numel()
         acc = _WrapSTE.apply(acc, self.accumulator_bits)
         s = self.weight_scale()
-        out = acc * self._channel_view(s, acc)
+        out = (acc * self._channel_view(s.float(), acc)).to(dtype)
         if self.bias is not None:
             out = out + self._channel_view(self.bias, acc)
         return out
@@ -211,11 +273,14 @@ class BinaryMixin:
             "scaling": self.scaling,
             "units": self.units,
             "accumulator_bits": self.accumulator_bits,
+            "activation_placement": self.activation_placement,
+            "act_threshold": self.act_threshold is not None,
         }
 
     def extra_repr(self) -> str:
         act = self.act_quantizer.name if self.act_quantizer is not None else None
-        return (f"{super().extra_repr()}, w={self.weight_quantizer.name}, a={act}, scaling={self.scaling}, "
+        thr = ", threshold" if self.act_threshold is not None else ""
+        return (f"{super().extra_repr()}, w={self.weight_quantizer.name}, a={act}{thr}, scaling={self.scaling}, "
                 f"units={self.units}, acc_bits={self.accumulator_bits}")
 
 
@@ -230,9 +295,17 @@ class BinaryConv2d(BinaryMixin, nn.Conv2d):
     """nn.Conv2d with binarized weights (and optionally activations / 8-bit accumulators)."""
 
     def __init__(self, *args, weight_quantizer="bnn++", act_quantizer=None, scaling="layer", units="scaled",
-                 accumulator_bits=None, **kwargs):
+                 accumulator_bits=None, activation_placement="threshold", act_threshold=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_binary(weight_quantizer, act_quantizer, scaling, units, accumulator_bits)
+        self._init_binary(weight_quantizer, act_quantizer, scaling, units, accumulator_bits, activation_placement,
+                          act_threshold)
+
+    @property
+    def input_channels(self) -> int:
+        return self.in_channels
+
+    def _input_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, 1, 1)  # channels at dim -3: (N, C, H, W) and unbatched (C, H, W)
 
     def _op(self, x, w, bias):
         return self._conv_forward(x, w, bias)
@@ -261,9 +334,18 @@ class BinaryLinear(BinaryMixin, nn.Linear):
     """nn.Linear with binarized weights (and optionally activations / 8-bit accumulators)."""
 
     def __init__(self, in_features, out_features, bias=True, *, weight_quantizer="bnn++", act_quantizer=None,
-                 scaling="layer", units="scaled", accumulator_bits=None, device=None, dtype=None):
+                 scaling="layer", units="scaled", accumulator_bits=None, activation_placement="threshold",
+                 act_threshold=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_binary(weight_quantizer, act_quantizer, scaling, units, accumulator_bits)
+        self._init_binary(weight_quantizer, act_quantizer, scaling, units, accumulator_bits, activation_placement,
+                          act_threshold)
+
+    @property
+    def input_channels(self) -> int:
+        return self.in_features
+
+    def _input_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v  # features last: (N, C), (N, L, C) tokens, ...
 
     def _op(self, x, w, bias):
         return F.linear(x, w, bias)

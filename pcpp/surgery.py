@@ -3,8 +3,13 @@
 Modules are chosen by name patterns (fnmatch; a pattern also covers the children of a matched module,
 so "layer2" or "blocks.3.attn" selects a whole block). nn.Conv2d and nn.Linear leaves are swapped
 for BinaryConv2d / BinaryLinear in place, keeping parameter names. By default the first layer (conv /
-patch embedding) and the classifier head stay in full precision. For ViT / DeiT / Swin the spec can add
-one LayerNorm at the end of each attention block (the paper's section 4.3, protocol 2).
+patch embedding) and every classifier head stay in full precision: timm's pretrained_cfg names them
+(`first_conv`, `classifier`: one name, a nested name, or a tuple of names such as DeiT's ('head',
+'head_dist')); a name of a container means its first conv / last classifier layer. For ViT / DeiT / Swin
+the spec can add one LayerNorm at the end of each attention block (the paper's section 4.3, protocol 2).
+
+BWA / BWAA: `activation_placement` (pcpp.placement) decides where the binarized activations get a signed
+input; it is recorded in every layer's binary_config and in the report.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from torch import nn
 
-from pcpp.nn import ACCUMULATOR_BITS, BINARY_TYPES, SCALINGS, UNITS, BinaryMixin, make_quantizer
+from pcpp import placement as _placement
+from pcpp.nn import ACCUMULATOR_BITS, BINARY_TYPES, PLACEMENTS, SCALINGS, UNITS, BinaryMixin, make_quantizer
+
+DEFAULT_PLACEMENT = "threshold"
 
 
 @dataclass
@@ -31,8 +39,12 @@ class BinarizeSpec:
     keep_first: bool = True
     keep_head: bool = True
     extra_layernorm: bool = False
+    activation_placement: str = DEFAULT_PLACEMENT  # BWA / BWAA only: see pcpp.placement
 
     def __post_init__(self):
+        if self.activation_placement not in PLACEMENTS:
+            raise ValueError(f"unknown activation_placement {self.activation_placement!r}; "
+                             f"valid: {', '.join(PLACEMENTS)}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scaling!r}; valid: {', '.join(SCALINGS)}")
         if self.units not in UNITS:
@@ -55,7 +67,8 @@ class BinarizeSpec:
 
     def layer_kwargs(self) -> dict:
         return dict(weight_quantizer=self.weight, act_quantizer=self.activation, scaling=self.scaling,
-                    units=self.units, accumulator_bits=self.accumulator_bits)
+                    units=self.units, accumulator_bits=self.accumulator_bits,
+                    activation_placement=self.activation_placement)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +97,7 @@ class SurgeryReport:
     rows: list[ReportRow]
     added_norms: list[str]
     spec: BinarizeSpec
+    activation_layout: dict = field(default_factory=dict)  # pcpp.placement.apply_'s record, if rewired
 
     @property
     def binarized(self) -> list[str]:
@@ -99,8 +113,9 @@ class SurgeryReport:
 
     def __str__(self) -> str:
         w = max([len(r.name) for r in self.rows] + [6])
+        placement = f", activation_placement={self.spec.activation_placement}" if self.spec.activation else ""
         lines = [f"binarization ({self.spec.task}, weight={_qname(self.spec.weight)}, "
-                 f"activation={_qname(self.spec.activation)}, scaling={self.spec.scaling})",
+                 f"activation={_qname(self.spec.activation)}{placement}, scaling={self.spec.scaling})",
                  f"{'module':<{w}}  {'type':<8}  {'params':>10}  action", "-" * (w + 40)]
         lines += [f"{r.name:<{w}}  {r.kind:<8}  {r.params:>10,}  {r.action}" for r in self.rows]
         total = sum(r.params for r in self.rows)
@@ -108,6 +123,9 @@ class SurgeryReport:
                      f"{total:,} layer parameters")
         if self.added_norms:
             lines.append(f"extra LayerNorm after {len(self.added_norms)} attention blocks")
+        if self.activation_layout.get("changed"):
+            lines.append(f"signed inputs ({self.activation_layout['placement']}): "
+                         f"{', '.join(self.activation_layout['changed'])}")
         return "\n".join(lines)
 
 
@@ -119,15 +137,50 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
 
 
-def first_and_head(model: nn.Module, leaves: list[tuple[str, nn.Module]]) -> tuple[str | None, str | None]:
-    """timm records its first conv and classifier in pretrained_cfg; otherwise first and last leaf."""
+def _names(value) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _resolve(model: nn.Module, name: str, layers: list[str], last: bool) -> list[str] | None:
+    """The layer `name` means: itself, or its container's first (last) layer; [] for a module with no
+    layer (an nn.Identity head); None when the model has no module of that name."""
+    if name in layers:
+        return [name]
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return None
+    inner = [n for n in layers if n.startswith(name + ".")]
+    return [inner[-1] if last else inner[0]] if inner else []
+
+
+def default_kept(model: nn.Module, leaves: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Layers kept in full precision by default: {name: "first layer" | "head"}.
+
+    timm's pretrained_cfg names the first conv(s) (`first_conv`) and the classifier(s) (`classifier`):
+    one name, a nested name ("head.fc"), or a tuple of names (DeiT distilled: ("head", "head_dist")).
+    A named container stands for its first conv / last Conv2d-Linear layer. When the config names
+    nothing (or nothing the model has), the first / last parameterised leaf stands in.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = [n for n, _ in leaves]
-    first = cfg.get("first_conv")
-    head = cfg.get("classifier")
-    first = first if first in names else (names[0] if names else None)
-    head = head if head in names else (names[-1] if names else None)
-    return first, head
+    layers = [n for n, m in leaves if type(m) in BINARY_TYPES or isinstance(m, BinaryMixin)]
+    kept: dict[str, str] = {}
+    for key, reason, last in (("first_conv", "first layer", False), ("classifier", "head", True)):
+        found = [_resolve(model, n, layers, last) for n in _names(cfg.get(key))]
+        if not any(f is not None for f in found):  # nothing named, or names this model does not have
+            found = [names[-1:] if last else names[:1]]
+        for f in found:
+            for n in f or []:
+                kept.setdefault(n, reason)
+    return kept
+
+
+def first_and_head(model: nn.Module, leaves: list[tuple[str, nn.Module]]) -> tuple[str, ...]:
+    """Names of the layers kept in full precision by default: the first layer(s), then the head(s)."""
+    return tuple(default_kept(model, leaves))
 
 
 def _apply_extra_norm(module, inputs, output):
@@ -173,7 +226,7 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> Surg
 
     leaves = [(n, m) for n, m in model.named_modules() if n and (isinstance(m, BinaryMixin) or (
         not list(m.children()) and any(True for _ in m.parameters(recurse=False))))]
-    first, head = first_and_head(model, leaves)
+    kept = default_kept(model, leaves)
 
     # An explicit include pattern (no wildcard) that names a layer of a type we cannot binarize is an error.
     for pattern in spec.include:
@@ -202,21 +255,29 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> Surg
             rows.append(ReportRow(name, kind, "kept (not included)", params))
         elif _matches(name, spec.exclude):
             rows.append(ReportRow(name, kind, "kept (excluded)", params))
-        elif spec.keep_first and name == first:
-            rows.append(ReportRow(name, kind, "kept (first layer)", params))
-        elif spec.keep_head and name == head:
-            rows.append(ReportRow(name, kind, "kept (head)", params))
+        elif (spec.keep_first and kept.get(name) == "first layer") or (spec.keep_head and kept.get(name) == "head"):
+            rows.append(ReportRow(name, kind, f"kept ({kept[name]})", params))
         else:
             swaps.append((name, m))
             rows.append(ReportRow(name, kind, "binarized", params))
     if not swaps and not any(r.action == "kept (already binarized)" for r in rows):
         raise ValueError(f"nothing to binarize in {type(model).__name__} with include={spec.include} "
                          f"exclude={spec.exclude}: no Conv2d / Linear layer left after the rules")
-    # Everything is validated: only now is the model changed.
+    if spec.activation is not None:
+        _placement.check(model, spec.activation_placement)
+    # Build every layer before touching the model: a spec that cannot fit a layer is refused here, by name.
+    built = []
     for name, m in swaps:
-        _set_module(model, name, BINARY_TYPES[type(m)].from_float(m, **spec.layer_kwargs()))
+        try:
+            built.append((name, BINARY_TYPES[type(m)].from_float(m, **spec.layer_kwargs())))
+        except ValueError as e:
+            raise ValueError(f"cannot binarize {name} ({type(m).__name__}): {e}") from None
+    # Everything is validated: only now is the model changed.
+    for name, new in built:
+        _set_module(model, name, new)
+    layout = _placement.apply_(model, spec.activation_placement, [n for n, _ in built]) if spec.activation else {}
     for _, attn in attention:
         add_attention_norm(attn)
     added = [n for n, _ in attention]
     model.pcpp_extra_norms = getattr(model, "pcpp_extra_norms", []) + added
-    return SurgeryReport(rows, added, spec)
+    return SurgeryReport(rows, added, spec, layout)

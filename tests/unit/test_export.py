@@ -44,7 +44,7 @@ def randomize_fp_extras(model: nn.Module) -> None:
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("beta") or ".extra_norm." in name:
+            if name.endswith(("beta", "act_threshold")) or ".extra_norm." in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if name.endswith("norm.weight") else 0.0))
 
 
@@ -138,13 +138,82 @@ def test_resnet20_bwa_react_channel(tmp_path, resnet20_teacher):
     model = copy.deepcopy(resnet20_teacher)
     binarize_(model, {"activation": {"name": "react", "learnable_beta": True}, "scaling": "channel"})
     randomize_fp_extras(model)
-    assert sum(n.endswith("act_quantizer.beta") for n, _ in model.named_parameters()) == 18
+    assert sum(n.endswith("act_threshold") for n, _ in model.named_parameters()) == 18
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     _, loaded = round_trip(model, x, tmp_path / "r20-bwa.safetensors", "ResNet-20 BWA (react, channel)")
     for name, layer in pnn.binary_layers(loaded):
         original = model.get_submodule(name)
-        assert torch.equal(layer.act_quantizer.beta, original.act_quantizer.beta)
+        assert torch.equal(layer.act_threshold, original.act_threshold)
         assert layer.binary_config() == original.binary_config()
+
+
+@pytest.mark.parametrize("task", ["BW", "BWA", "BWAA"])
+@pytest.mark.parametrize("placement", ["threshold", "pre_relu", "hardtanh"])
+def test_resnet20_thresholds_and_placement_round_trip(tmp_path, resnet20_teacher, task, placement):
+    # Calibrated thresholds (distinct per channel) and the signed-input layout come back: the reloaded
+    # logits equal the binary_eval logits exactly.
+    from pcpp.calibration import calibrate_thresholds_
+
+    model = copy.deepcopy(resnet20_teacher)
+    spec = {"weight": "bnn", "activation_placement": placement}
+    if task != "BW":
+        spec["activation"] = "bnn++"
+    if task == "BWAA":
+        spec["accumulator_bits"] = 8
+    binarize_(model, spec)
+    gen = torch.Generator().manual_seed(0)
+    calibrate_thresholds_(model, [torch.randn(8, 3, 32, 32, generator=gen)])
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    _, loaded = round_trip(model, x, tmp_path / "r20.safetensors", f"ResNet-20 {task} ({placement})")
+    for name, layer in pnn.binary_layers(model):
+        twin = loaded.get_submodule(name)
+        assert twin.binary_config() == layer.binary_config(), name
+        if layer.act_threshold is not None:
+            assert layer.act_threshold.unique().numel() > 1
+            assert torch.equal(twin.act_threshold, layer.act_threshold), name
+    assert getattr(loaded, "pcpp_activation_layout", {}) == getattr(model, "pcpp_activation_layout", {})
+    if task != "BW" and placement == "hardtanh":
+        assert isinstance(loaded.layer1[0].relu1, nn.Hardtanh)
+
+
+def test_vit_tokens_bwa_thresholds_round_trip(tmp_path):
+    from pcpp.calibration import calibrate_thresholds_
+
+    torch.manual_seed(0)
+    model = models.create("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2,
+                          num_classes=10)
+    binarize_(model, {"activation": "bnn++", "accumulator_bits": 8})
+    gen = torch.Generator().manual_seed(1)
+    calibrate_thresholds_(model.eval(), [torch.randn(4, 3, 32, 32, generator=gen)])
+    round_trip(model, torch.randn(2, 3, 32, 32, generator=gen), tmp_path / "vit.safetensors", "ViT BWAA")
+
+
+def test_an_export_from_before_thresholds_still_loads(tmp_path, resnet20_teacher):
+    # Manifests written before activation placements: no placement keys, ReAct's beta stored as
+    # `act_quantizer.beta`. They load as the same network.
+    model = copy.deepcopy(resnet20_teacher)
+    binarize_(model, {"activation": {"name": "react", "learnable_beta": True}})
+    with torch.no_grad():
+        for _, layer in pnn.binary_layers(model):
+            layer.act_threshold.fill_(0.3)  # the old scalar beta, one value for every channel
+    path = tmp_path / "old.safetensors"
+    export.save(model, path)
+    mpath = export.manifest_path(path)
+    manifest = json.loads(mpath.read_text())
+    for cfg in manifest["layers"].values():
+        cfg.pop("activation_placement")
+        cfg.pop("act_threshold")
+        cfg["act_quantizer"]["options"]["learnable_beta"] = True
+    manifest.pop("activation_layout")
+    for entry in manifest["layout"]:
+        if entry["key"].endswith("act_threshold"):
+            entry["key"] = entry["key"].replace("act_threshold", "act_quantizer.beta")
+            entry["shape"], entry["numel"] = [1], 1
+    mpath.write_text(json.dumps(manifest))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with binary_eval(model):
+        expected = model(x)
+    assert torch.equal(export.load(path)(x), expected)
 
 
 def test_deit_t_extra_layernorm(tmp_path, deit_t):

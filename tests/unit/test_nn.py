@@ -210,11 +210,12 @@ def test_set_progress_reaches_every_quantizer():
 
 def test_layers_do_not_share_a_quantizer_instance():
     # make_quantizer promises a copy of a Quantizer passed in; sharing one would tie the layers'
-    # schedules and learnable parameters (ReAct's beta) together.
-    q = quantizers.get("react", learnable_beta=True)
+    # schedules together; each layer owns its own activation threshold.
+    q = quantizers.get("bnn++", mu=7.0)
     a, b = BinaryLinear(4, 4, act_quantizer=q), BinaryLinear(4, 4, act_quantizer=q)
     assert a.act_quantizer is not b.act_quantizer
     assert a.act_quantizer.state() == q.state()
+    assert a.act_threshold is not b.act_threshold
 
 
 # ---- scale convention ---------------------------------------------------------------------------------
@@ -414,11 +415,26 @@ def test_from_float_keeps_conv_geometry_and_mode():
     assert torch.equal(b(x), conv(x))
 
 
-def test_teacher_style_state_dict_loads_as_is():
+@pytest.mark.parametrize("spec", [{}, {"act_quantizer": "bnn++", "activation_placement": "pre_relu"},
+                                  {"act_quantizer": "bnn++", "accumulator_bits": 8, "activation_placement": "none"}])
+def test_teacher_style_state_dict_loads_as_is(spec):
     twin = nn.Linear(5, 3)
-    layer = BinaryLinear(5, 3, act_quantizer="bnn++", accumulator_bits=8)
+    layer = BinaryLinear(5, 3, **spec)
     assert set(layer.state_dict()) == set(twin.state_dict())
     layer.load_state_dict(twin.state_dict(), strict=True)
+
+
+def test_a_threshold_is_the_one_extra_key():
+    # BWA with a threshold adds exactly `act_threshold`: a binarized checkpoint carries it; a teacher
+    # checkpoint is loaded before surgery (FT), where the key does not exist yet.
+    twin = nn.Linear(5, 3)
+    layer = BinaryLinear(5, 3, act_quantizer="bnn++", accumulator_bits=8)
+    assert set(layer.state_dict()) == set(twin.state_dict()) | {"act_threshold"}
+    with torch.no_grad():
+        layer.act_threshold.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0, 0.5]))
+    fresh = BinaryLinear(5, 3, act_quantizer="bnn++", accumulator_bits=8)
+    fresh.load_state_dict(layer.state_dict(), strict=True)
+    assert torch.equal(fresh.act_threshold, layer.act_threshold)
 
 
 def test_soft_fraction_bc_is_zero():

@@ -80,9 +80,12 @@ def test_resnet20_default_keeps_first_and_head(resnet20):
     assert next(line for line in lines if line.split()[0] == "linear").rstrip().endswith("kept (head)")
 
 
-def test_resnet20_binarized_loads_teacher_strict(resnet20):
+@pytest.mark.parametrize("spec", [{}, {"activation": "bnn++", "activation_placement": "pre_relu"},
+                                  {"activation": "bnn++", "activation_placement": "hardtanh"}])
+def test_resnet20_binarized_loads_teacher_strict(resnet20, spec):
+    # Placements without a threshold add no parameter: a teacher loads strictly after surgery too.
     assert TEACHER.is_file(), f"teacher checkpoint missing: {TEACHER}"
-    binarize_(resnet20, {"activation": "bnn++", "scaling": "channel"})
+    binarize_(resnet20, {**spec, "scaling": "channel"})
     models.load_checkpoint(resnet20, TEACHER, strict=True)
     teacher = models.create("resnet20", pretrained_file=TEACHER)
     for key, value in teacher.state_dict().items():
@@ -288,6 +291,7 @@ def test_unknown_spec_key(resnet20):
         "keep_first",
         "keep_head",
         "extra_layernorm",
+        "activation_placement",
     ):
         assert key in msg
 

@@ -1,0 +1,223 @@
+"""Activation thresholds from data, and the guard against binarized activations that carry nothing.
+
+DESIGN.md, "Activation binarization sees signed inputs": in a ReLU network every input of a binarized
+conv is >= 0, so an honest sign() is +1 everywhere (ResNet-20 with the teacher's weights and sign
+activations: 10.0%, chance). Two tools, both pure torch and run before training starts:
+
+- `calibrate_thresholds_(model, batches)`: each binarized layer's `act_threshold` (beta, one entry per
+  input channel) is set to the per-channel median of its input over a few batches, in eval mode under
+  the honest binarized forward (fine-tuning from a teacher; end-to-end runs keep beta = 0).
+- `check_activation_balance(model, batch)`: the share of each binarized activation's inputs that the
+  honest forward sends to -1; a layer at or past `limit` on one side is refused by name.
+
+The training worker calls both after `binarize_` (and after any checkpoint load) and before the
+optimizer / DeepSpeed wrap the model; `prepare_activations_` does the two in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pcpp.nn import BinaryMixin, binary_layers, evaluation
+
+_MAX_PER_CHANNEL = 1 << 16  # values kept per channel and batch (a fixed, evenly spaced subsample)
+
+
+def _inputs(batch) -> torch.Tensor:
+    """The model input of a batch: a tensor, or the first item of an (x, y, ...) tuple / list."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"a calibration batch is a tensor or an (inputs, labels) pair, got {type(x).__name__}")
+    return x
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def channel_rows(layer: BinaryMixin, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (C, values): channels at dim -3 for a conv, the last dim for a Linear."""
+    dim = x.dim() - 3 if isinstance(layer, nn.Conv2d) else x.dim() - 1
+    return x.detach().movedim(dim, 0).reshape(layer.input_channels, -1)
+
+
+def balanced_median(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the threshold t that splits the values most evenly under sign(x - t) (sign(0) = +1).
+
+    Without ties this is the median (the value at rank n // 2: n // 2 values lie below it). When many
+    values equal the median (the zeros after a ReLU), t = median would put them all on the + side; t then
+    moves to the midpoint between the median and the next larger value whenever that split is closer to
+    one half. Computed in float32 (float64 input stays float64); returns shape (C,).
+    """
+    v = rows.float() if rows.dtype != torch.float64 else rows
+    v = v.sort(dim=1).values
+    n = v.shape[1]
+    med = v[:, n // 2: n // 2 + 1]
+    med = med.contiguous()
+    below = torch.searchsorted(v, med, right=False)  # values < median
+    upto = torch.searchsorted(v, med, right=True)  # values <= median
+    nxt = v.gather(1, upto.clamp(max=n - 1))
+    above = torch.where(upto < n, 0.5 * (med + nxt), med)
+    use_above = (upto < n) & ((upto - n / 2).abs() < (below - n / 2).abs())
+    return torch.where(use_above, above, med).reshape(-1)
+
+
+def _subsample(rows: torch.Tensor, limit: int) -> torch.Tensor:
+    n = rows.shape[1]
+    if n <= limit:
+        return rows
+    idx = torch.linspace(0, n - 1, limit, device=rows.device).round().long()
+    return rows[:, idx]
+
+
+def thresholded_layers(model: nn.Module) -> list[tuple[str, BinaryMixin]]:
+    """The binarized layers that own an activation threshold."""
+    return [(n, m) for n, m in binary_layers(model) if m.act_threshold is not None]
+
+
+@torch.no_grad()
+def calibrate_thresholds_(model: nn.Module, batches: Iterable, *, honest: bool = True,
+                          max_per_channel: int = _MAX_PER_CHANNEL) -> dict[str, torch.Tensor]:
+    """Set every `act_threshold` to the per-channel (balanced) median of the layer's input.
+
+    batches: an iterable of input tensors (N, C, H, W) or (inputs, labels) pairs, already normalised as
+    the model expects; moved to the model's device. A few training batches (e.g. 4 x 128 CIFAR images)
+    suffice. Runs in eval mode, without gradients, under the honest binarized forward (honest=False: the
+    training forward); each layer's threshold is updated from every value it has seen so far each time
+    it runs, so a layer is calibrated on inputs that already reflect the calibrated layers before it.
+    Training flags and honest flags are restored on exit. Returns {layer name: threshold (C,)}; {} when
+    no layer has a threshold (BW, or placements without one). Raises ValueError for an empty iterable
+    or a batch that is not a tensor. Paper section 4 (BWA / BWAA), ReActNet's RSign initialised from data.
+    """
+    layers = thresholded_layers(model)
+    if not layers:
+        return {}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+    handles = []
+
+    def hook(name):
+        def pre(layer, args):
+            seen[name].append(_subsample(channel_rows(layer, args[0]), max_per_channel))
+            beta = balanced_median(torch.cat(seen[name], dim=1))
+            layer.act_threshold.copy_(beta.to(layer.act_threshold.dtype))
+        return pre
+
+    device, n_batches = _device(model), 0
+    try:
+        for name, layer in layers:
+            handles.append(layer.register_forward_pre_hook(hook(name)))
+        with evaluation(model, honest):
+            for batch in batches:
+                model(_inputs(batch).to(device))
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if not n_batches:
+        raise ValueError("calibrate_thresholds_ got no batch: give a few training batches")
+    return {n: m.act_threshold.detach().clone() for n, m in layers}
+
+
+@dataclass
+class BalanceRow:
+    name: str
+    below: float  # share of the inputs the honest forward sends to -1 (below the threshold)
+    one_sided_channels: float  # share of input channels whose inputs all fall on one side
+    threshold: str  # "learned" (act_threshold), or the placement that makes the input signed
+
+    @property
+    def worst_side(self) -> float:
+        return max(self.below, 1.0 - self.below)
+
+
+@dataclass
+class BalanceReport:
+    """Per binarized activation: the share of its inputs below its threshold, on one batch."""
+
+    rows: list[BalanceRow]
+    limit: float
+
+    @property
+    def refused(self) -> list[BalanceRow]:
+        return [r for r in self.rows if r.worst_side >= self.limit]
+
+    def to_dict(self) -> dict[str, float]:
+        """{layer: share below}, for MLflow params / metrics."""
+        return {r.name: r.below for r in self.rows}
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.rows] + [5])
+        lines = [f"{'layer':<{w}}  {'below':>7}  {'one-sided ch.':>13}  threshold", "-" * (w + 42)]
+        for r in self.rows:
+            flag = "  <- refused" if r.worst_side >= self.limit else ""
+            lines.append(f"{r.name:<{w}}  {r.below:>7.3f}  {r.one_sided_channels:>13.3f}  {r.threshold}{flag}")
+        return "\n".join(lines)
+
+    def error(self) -> str:
+        bad = ", ".join(f"{r.name} ({r.below:.1%} below)" for r in self.refused)
+        return (f"{len(self.refused)} of {len(self.rows)} binarized activations put >= {self.limit:.0%} of their "
+                f"inputs on one side of the threshold, so their honest sign is (almost) constant and carries no "
+                f"information: {bad}. Set binarize.activation_placement to 'threshold' and calibrate the "
+                "thresholds (pcpp.calibration.calibrate_thresholds_ with a few training batches), or to "
+                "'pre_relu' / 'hardtanh' for a CNN that defines them (resnet20)")
+
+
+@torch.no_grad()
+def check_activation_balance(model: nn.Module, batch, limit: float = 0.99, *, strict: bool = True) -> BalanceReport:
+    """Measure, on one batch, each binarized activation's share of inputs below its threshold.
+
+    "Below" means sent to -1 by the honest binarized forward (sign(x - beta) with sign(0) = +1), measured
+    under `binary_eval` (eval mode; flags restored on exit). batch: an input tensor or an (inputs, labels)
+    pair, normalised as the model expects. limit in (0.5, 1]: a layer with a share >= limit on either
+    side is refused. Returns the per-layer BalanceReport (rows in forward order; empty for BW); with
+    strict=True raises ValueError naming every refused layer and what to set, with strict=False the
+    caller decides (e.g. logs a warning). DESIGN.md, "Activation binarization sees signed inputs".
+    """
+    if not 0.5 < limit <= 1.0:
+        raise ValueError(f"limit must lie in (0.5, 1], got {limit!r}")
+    rows: list[BalanceRow] = []
+    handles = []
+
+    def pre(layer, args, name):
+        binary = layer.act_quantizer.binarize(layer.shift_input(args[0]))
+        neg = channel_rows(layer, binary) < 0
+        share = neg.float().mean(dim=1)
+        kind = "learned" if layer.act_threshold is not None else layer.activation_placement
+        rows.append(BalanceRow(name, float(neg.float().mean()), float(((share == 0) | (share == 1)).float().mean()),
+                               kind))
+
+    try:
+        for name, layer in binary_layers(model):
+            if layer.act_quantizer is not None:
+                handles.append(layer.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
+        with evaluation(model, honest=True):
+            model(_inputs(batch).to(_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    report = BalanceReport(rows, limit)
+    if strict and report.refused:
+        raise ValueError(report.error())
+    return report
+
+
+def prepare_activations_(model: nn.Module, batches: list, *, calibrate: bool = True, limit: float = 0.99,
+                         strict: bool = True) -> BalanceReport:
+    """Calibrate the thresholds on `batches` (when `calibrate`), then check the balance on the first one.
+
+    The one call the training worker makes for BWA / BWAA, after binarize_ and checkpoint loads and
+    before the optimizer is built: calibrate=True when fine-tuning from a teacher without a binarized
+    init checkpoint, False for end-to-end training or a student that already has trained thresholds.
+    Returns the BalanceReport; raises ValueError as `check_activation_balance` does (strict=True).
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("prepare_activations_ needs at least one batch")
+    if calibrate:
+        calibrate_thresholds_(model, batches)
+    return check_activation_balance(model, batches[0], limit, strict=strict)
