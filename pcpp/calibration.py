@@ -24,7 +24,7 @@ from torch import nn
 
 from pcpp.nn import BinaryMixin, binary_layers, evaluation
 
-_MAX_PER_CHANNEL = 1 << 16  # values kept per channel and batch (a fixed, evenly spaced subsample)
+_MAX_PER_CHANNEL = 1 << 14  # values kept per channel and batch (a fixed, evenly spaced subsample)
 
 
 def _inputs(batch) -> torch.Tensor:
@@ -55,16 +55,13 @@ def balanced_median(rows: torch.Tensor) -> torch.Tensor:
     one half. Computed in float32 (float64 input stays float64); returns shape (C,).
     """
     v = rows.float() if rows.dtype != torch.float64 else rows
-    v = v.sort(dim=1).values
     n = v.shape[1]
-    med = v[:, n // 2: n // 2 + 1]
-    med = med.contiguous()
-    below = torch.searchsorted(v, med, right=False)  # values < median
-    upto = torch.searchsorted(v, med, right=True)  # values <= median
-    nxt = v.gather(1, upto.clamp(max=n - 1))
-    above = torch.where(upto < n, 0.5 * (med + nxt), med)
+    med = v.kthvalue(n // 2 + 1, dim=1, keepdim=True).values  # rank n // 2 (0-based), no full sort
+    below = (v < med).sum(dim=1, keepdim=True)
+    upto = (v <= med).sum(dim=1, keepdim=True)
+    nxt = torch.where(v > med, v, torch.full_like(v, float("inf"))).amin(dim=1, keepdim=True)
     use_above = (upto < n) & ((upto - n / 2).abs() < (below - n / 2).abs())
-    return torch.where(use_above, above, med).reshape(-1)
+    return torch.where(use_above, 0.5 * (med + nxt), med).reshape(-1)
 
 
 def _subsample(rows: torch.Tensor, limit: int) -> torch.Tensor:
@@ -88,8 +85,9 @@ def calibrate_thresholds_(model: nn.Module, batches: Iterable, *, honest: bool =
     batches: an iterable of input tensors (N, C, H, W) or (inputs, labels) pairs, already normalised as
     the model expects; moved to the model's device. A few training batches (e.g. 4 x 128 CIFAR images)
     suffice. Runs in eval mode, without gradients, under the honest binarized forward (honest=False: the
-    training forward); each layer's threshold is updated from every value it has seen so far each time
-    it runs, so a layer is calibrated on inputs that already reflect the calibrated layers before it.
+    training forward); each time a layer runs its threshold is set from that batch, so the layers after
+    it see calibrated inputs, and at the end from all its inputs (up to `max_per_channel` values per
+    channel and batch, evenly spaced).
     Training flags and honest flags are restored on exit. Returns {layer name: threshold (C,)}; {} when
     no layer has a threshold (BW, or placements without one). Raises ValueError for an empty iterable
     or a batch that is not a tensor. Paper section 4 (BWA / BWAA), ReActNet's RSign initialised from data.
@@ -103,8 +101,9 @@ def calibrate_thresholds_(model: nn.Module, batches: Iterable, *, honest: bool =
     def hook(name):
         def pre(layer, args):
             seen[name].append(_subsample(channel_rows(layer, args[0]), max_per_channel))
-            beta = balanced_median(torch.cat(seen[name], dim=1))
-            layer.act_threshold.copy_(beta.to(layer.act_threshold.dtype))
+            # this batch's median now, so that the layers after it see a calibrated input; the median
+            # of all batches at the end
+            layer.act_threshold.copy_(balanced_median(seen[name][-1]).to(layer.act_threshold.dtype))
         return pre
 
     device, n_batches = _device(model), 0
@@ -120,6 +119,9 @@ def calibrate_thresholds_(model: nn.Module, batches: Iterable, *, honest: bool =
             h.remove()
     if not n_batches:
         raise ValueError("calibrate_thresholds_ got no batch: give a few training batches")
+    for name, layer in layers:
+        if len(seen[name]) > 1:
+            layer.act_threshold.copy_(balanced_median(torch.cat(seen[name], dim=1)).to(layer.act_threshold.dtype))
     return {n: m.act_threshold.detach().clone() for n, m in layers}
 
 

@@ -324,3 +324,68 @@ def test_spec_round_trips():
     )
     assert spec.exclude == ["layer2.0.*"]
     assert BinarizeSpec.from_dict(spec.to_dict()) == spec
+
+
+# ---- classifier heads and first layers named by timm's pretrained_cfg (issue 15 item 1) -------------------------
+
+
+@pytest.mark.parametrize(
+    "name, kw, firsts, heads",
+    [
+        ("deit_tiny_distilled_patch16_224", DEIT, {"patch_embed.proj"}, {"head", "head_dist"}),
+        ("levit_128s", {}, {"stem.conv1.linear"}, {"head.linear", "head_dist.linear"}),
+        ("repvit_m1", {}, {"stem.conv1.c"}, {"head.head.l", "head.head_dist.l"}),
+        ("fastvit_t8", {}, {"stem.0.conv_kxk.0.conv", "stem.0.conv_scale.conv"}, {"head.fc"}),
+        ("convnext_atto", {}, {"stem.0"}, {"head.fc"}),
+        ("efficientnet_b0", {}, {"conv_stem"}, {"classifier"}),
+        ("resnet18d", {}, {"conv1.0"}, {"fc"}),
+        ("xcit_nano_12_p16_224", {}, {"patch_embed.proj.0.0"}, {"head"}),
+        ("swin_tiny_patch4_window7_224", {}, {"patch_embed.proj"}, {"head.fc"}),
+    ],
+)
+def test_every_named_classifier_and_first_layer_stays_full_precision(name, kw, firsts, heads):
+    # pretrained_cfg["classifier"] / ["first_conv"]: one name, a nested name or a tuple of names.
+    with torch.device("meta"):
+        model = models.create(name, **kw)
+    layers = layers_of(model)
+    assert firsts | heads <= set(layers)
+    report = binarize_(model)
+    assert binarized_names(model) == set(layers) - firsts - heads
+    actions = {r.name: r.action for r in report.rows}
+    assert {n: actions[n] for n in firsts} == dict.fromkeys(firsts, "kept (first layer)")
+    assert {n: actions[n] for n in heads} == dict.fromkeys(heads, "kept (head)")
+    for n in firsts | heads:
+        assert type(model.get_submodule(n)) in (nn.Conv2d, nn.Linear), n
+
+
+def test_a_named_container_means_its_first_conv_and_last_classifier():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1))
+            self.body = nn.Conv2d(8, 8, 3)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 8), nn.Linear(8, 4))
+            self.aux = nn.Linear(8, 4)
+            self.pretrained_cfg = {"first_conv": "stem", "classifier": ("head", "aux")}
+
+    report = binarize_(Net())
+    actions = {r.name: r.action for r in report.rows}
+    assert actions["stem.0"] == "kept (first layer)" and actions["stem.2"] == "binarized"
+    assert actions["head.2"] == "kept (head)" and actions["aux"] == "kept (head)"
+    assert actions["head.1"] == "binarized" and actions["body"] == "binarized"
+
+
+def test_a_headless_model_keeps_no_head():
+    # num_classes=0: timm's head is an nn.Identity; no other layer stands in for it.
+    with torch.device("meta"):
+        model = models.create("vit_tiny_patch16_224", num_classes=0)
+    report = binarize_(model)
+    assert not [r for r in report.rows if r.action == "kept (head)"]
+    assert [r.name for r in report.rows if r.action == "kept (first layer)"] == ["patch_embed.proj"]
+
+
+def test_keep_flags_cover_every_named_head():
+    model = models.create("deit_tiny_distilled_patch16_224", **DEIT)
+    binarize_(model, {"keep_head": False})
+    assert isinstance(model.head, BinaryLinear) and isinstance(model.head_dist, BinaryLinear)
+    assert type(model.patch_embed.proj) is nn.Conv2d
