@@ -23,15 +23,15 @@ two's complement; the gradient passes straight through the wrap. Layers count th
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pcpp import quantizers
+from pcpp.accumulators import WrapSTE, wrap_integer  # noqa: F401  (wrap_integer: public here too)
 from pcpp.quantizers import Quantizer
+from pcpp.specs import activation_pair, make_quantizer  # noqa: F401  (make_quantizer: public here too)
 
 SCALINGS = ("none", "layer", "channel")
 UNITS = ("scaled", "raw")
@@ -56,61 +56,6 @@ def _choice(what: str, value, valid) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
-def make_quantizer(spec) -> Quantizer | None:
-    """A Quantizer from a name, a {'name': .., params..} dict, a Quantizer (copied state), or None."""
-    if spec is None:
-        return None
-    if isinstance(spec, Quantizer):
-        return copy.deepcopy(spec)  # one instance per layer: schedules and ReAct's beta are per layer
-    if isinstance(spec, str):
-        return quantizers.get(spec)
-    if isinstance(spec, dict):
-        spec = dict(spec)
-        if "name" not in spec:
-            raise ValueError(f"a quantizer spec dict needs a 'name' key, got {spec!r}")
-        return quantizers.get(spec.pop("name"), **spec)
-    raise ValueError(f"cannot make a quantizer from {spec!r}: give a name, a dict with 'name', or None")
-
-
-def wrap_integer(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Two's-complement wrap of (integer-valued) z into [-2^(bits-1), 2^(bits-1) - 1]."""
-    half = 2 ** (bits - 1)
-    return torch.remainder(z + half, 2 * half) - half
-
-
-class _WrapSTE(torch.autograd.Function):
-    """Cyclic overflow in the forward, identity in the backward (WrapNet)."""
-
-    @staticmethod
-    def forward(z, bits):
-        return wrap_integer(z, bits)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _activation_pair(spec, channels: int) -> tuple[Quantizer | None, float | None]:
-    """(the layer's activation pair, the init of a learnable threshold it asks for, or None).
-
-    ReAct's `learnable_beta` asks for a per-channel learnable beta: inside a layer that is the layer's
-    `act_threshold`, sized from the layer (a `channels` that disagrees is refused), and the pair keeps a
-    fixed beta of 0 so that the shift is applied once.
-    """
-    q = make_quantizer(spec)
-    if q is None or not q.opts.get("learnable_beta"):
-        return q, None
-    wanted = q.opts.get("channels")
-    if wanted is not None and wanted != channels:
-        raise ValueError(f"activation pair {q.name!r} asks for channels={wanted}, but this layer's input has "
-                         f"{channels} channels: drop 'channels' (the threshold is sized from each layer)")
-    return quantizers.get(q.name), float(q.param_schedules["beta"](0.0))
-
-
 class BinaryMixin:
     """Shared machinery of the binarized layers; `_op(x, w, bias)` is the torch op of the twin.
 
@@ -127,7 +72,7 @@ class BinaryMixin:
         self.weight_quantizer = make_quantizer(weight_quantizer)
         if self.weight_quantizer is None:
             raise ValueError("a binarized layer needs a weight quantizer (use 'fp' for full precision)")
-        self.act_quantizer, beta0 = _activation_pair(act_quantizer, self.input_channels)
+        self.act_quantizer, beta0 = activation_pair(act_quantizer, self.input_channels)
         if accumulator_bits is not None and self.act_quantizer is None:
             raise ValueError("accumulator_bits needs an activation quantizer: BWAA binarizes weights, "
                              "activations and accumulators (use act_quantizer='bnn++' or another pair)")
@@ -214,7 +159,7 @@ class BinaryMixin:
             half = 2 ** (self.accumulator_bits - 1)
             self.overflow_count += ((acc < -half) | (acc > half - 1)).sum()
             self.accumulator_count += acc.numel()
-        acc = _WrapSTE.apply(acc, self.accumulator_bits)
+        acc = WrapSTE.apply(acc, self.accumulator_bits)
         s = self.weight_scale()
         out = (acc * self._channel_view(s.float(), acc)).to(dtype)
         if self.bias is not None:
