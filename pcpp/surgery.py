@@ -15,11 +15,13 @@ input; it is recorded in every layer's binary_config and in the report.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
 from torch import nn
 
 from pcpp import placement as _placement
+from pcpp.calibration import BalanceReport, prepare_activations_
 from pcpp.nn import ACCUMULATOR_BITS, BINARY_TYPES, PLACEMENTS, SCALINGS, UNITS, BinaryMixin, make_quantizer
 
 DEFAULT_PLACEMENT = "threshold"
@@ -98,6 +100,7 @@ class SurgeryReport:
     added_norms: list[str]
     spec: BinarizeSpec
     activation_layout: dict = field(default_factory=dict)  # pcpp.placement.apply_'s record, if rewired
+    balance: BalanceReport | None = None  # the activation-balance guard's table, when calibration was given
 
     @property
     def binarized(self) -> list[str]:
@@ -210,8 +213,19 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> SurgeryReport:
-    """Binarize `model` in place following `spec`; returns the report of what changed."""
+def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
+              calibration: Iterable | None = None) -> SurgeryReport:
+    """Binarize `model` in place following `spec`; returns the report of what changed.
+
+    Raises ValueError, before any change to the model, for a pattern that matches nothing, a layer type
+    that cannot be binarized, or a spec that cannot fit a layer (named: e.g. a ReAct `channels` that is
+    not the layer's input channels, a placement the model does not define).
+
+    calibration: for BWA / BWAA, a few batches (input tensors or (inputs, labels) pairs, normalised as the
+    model expects). The thresholds are calibrated on them (pcpp.calibration.calibrate_thresholds_), then
+    the guard checks the first one (check_activation_balance, limit 0.99); its table is the report's
+    `balance`. A refused layer raises ValueError naming it, after the surgery (the model is binarized).
+    """
     if spec is None:
         spec = BinarizeSpec()
     elif isinstance(spec, dict):
@@ -280,4 +294,7 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None) -> Surg
         add_attention_norm(attn)
     added = [n for n, _ in attention]
     model.pcpp_extra_norms = getattr(model, "pcpp_extra_norms", []) + added
-    return SurgeryReport(rows, added, spec, layout)
+    report = SurgeryReport(rows, added, spec, layout)
+    if calibration is not None and spec.activation is not None:
+        report.balance = prepare_activations_(model, calibration)
+    return report

@@ -258,3 +258,16 @@ def test_resnet20_teacher_without_thresholds_is_refused_naming_every_layer(sampl
         check_activation_balance(model, x[:64])
     names = [n for n, _ in pnn.binary_layers(model)]
     assert len(names) == 18 and all(f"{n} (0.0% below)" in str(err.value) for n in names)
+
+
+def test_binarize_with_calibration_batches_calibrates_and_guards(sample):
+    x, _ = sample
+    model = teacher()
+    report = binarize_(model, {"activation": "bnn", "activation_placement": "threshold"},
+                       calibration=[(x[:128], None)])
+    assert len(report.balance.rows) == 18 and not report.balance.refused
+    assert all(m.act_threshold.abs().sum() > 0 for _, m in pnn.binary_layers(model))
+    refused = teacher()
+    with pytest.raises(ValueError, match="layer3.2.conv2"):
+        binarize_(refused, {"activation": "bnn", "activation_placement": "none"}, calibration=[x[:64]])
+    assert binarize_(teacher(), {}, calibration=[x[:64]]).balance is None  # BW: nothing to check
