@@ -152,16 +152,16 @@ class BinaryMixin:
             return self._op(x, self.effective_weight(), self.bias)
         # The integer dot products in float32: float16 holds integers exactly only up to 2048 and bfloat16
         # up to 256, past which the wrap would act on rounded sums.
-        dtype = x.dtype
+        dtype, exact = x.dtype, torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            acc = self._op(x.float(), self.unit_weight().float(), None)
+            acc = self._op(x.to(exact), self.unit_weight().to(exact), None)
         with torch.no_grad():
             half = 2 ** (self.accumulator_bits - 1)
             self.overflow_count += ((acc < -half) | (acc > half - 1)).sum()
             self.accumulator_count += acc.numel()
         acc = WrapSTE.apply(acc, self.accumulator_bits)
         s = self.weight_scale()
-        out = (acc * self._channel_view(s.float(), acc)).to(dtype)
+        out = (acc * self._channel_view(s.to(exact), acc)).to(dtype)
         if self.bias is not None:
             out = out + self._channel_view(self.bias, acc)
         return out

@@ -135,3 +135,9 @@ def test_overflow_counts_survive_half(dtype):
     assert int(half.accumulator_count) == int(ref.accumulator_count) == 3 * 300 * 64
     assert int(half.overflow_count) == int(ref.overflow_count) > 0
     assert half.overflow_rate == ref.overflow_rate
+
+
+def test_bwaa_in_float64_stays_float64():
+    layer = BinaryLinear(8, 3, act_quantizer="bnn", accumulator_bits=8, dtype=torch.float64)
+    out = layer(torch.randn(2, 8, dtype=torch.float64))
+    assert out.dtype == torch.float64
