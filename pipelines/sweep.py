@@ -134,7 +134,7 @@ def apply_trial(base: dict, values: dict) -> dict:
     return d
 
 
-def _trial(config: dict) -> None:
+def _trial(config: dict, *, setup: dict) -> None:
     """One Tune trial: the engine on the cached data / teacher artifacts, reporting to Tune per epoch.
 
     The trial leaves its MLflow run open: only the sweep's driver knows, after Tune returns, whether the
@@ -148,18 +148,18 @@ def _trial(config: dict) -> None:
     from stages.train import _train_config
 
     values, sample = config["trial"]["values"], config["trial"]["sample"]
-    pc = build(PipelineConfig, apply_trial(config["base"], values))
-    inputs = {k: load_artifact(Path(v)) for k, v in config["inputs"].items()}
-    ctx = StageContext(root=Path(config["root"]), tracking_uri=config["tracking_uri"],
-                       experiment=pc.tracking.experiment, parent_run_id=config["parent_run_id"])
+    pc = build(PipelineConfig, apply_trial(setup["base"], values))
+    inputs = {k: load_artifact(Path(v)) for k, v in setup["inputs"].items()}
+    ctx = StageContext(root=Path(setup["root"]), tracking_uri=setup["tracking_uri"],
+                       experiment=pc.tracking.experiment, parent_run_id=setup["parent_run_id"])
     t = pc.train
     train_dir, test_dir = inputs["data"].path / "train", inputs["data"].path / "test"
     cfg = _train_config(pc, "trial", t.seed, t.pipeline, inputs["teacher"].file("model.pt"), None, train_dir,
-                        test_dir, pc.binarize, t.rule, t.rule_params, t.optim, config["epochs"], t.optim.lr,
+                        test_dir, pc.binarize, t.rule, t.rule_params, t.optim, setup["epochs"], t.optim.lr,
                         t.distill, ctx)
     trial_id = ray.tune.get_context().get_trial_id()
-    run_dir = Path(config["root"]) / "sweeps" / config["sweep_name"] / trial_id
-    result = fit(cfg, run_dir=run_dir, parent_run_id=config["parent_run_id"], run_name=f"trial {sample}",
+    run_dir = Path(setup["root"]) / "sweeps" / setup["sweep_name"] / trial_id
+    result = fit(cfg, run_dir=run_dir, parent_run_id=setup["parent_run_id"], run_name=f"trial {sample}",
                  callbacks=[TuneReportCallback()], close_run=False,
                  run_tags={"pcpp.trial": trial_id, "pcpp.sample": str(sample),
                            **{f"pcpp.search.{k}": str(v) for k, v in values.items()}})
@@ -227,13 +227,13 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     rng = random.Random(cfg.seed)
     samples = [{k: math.exp(rng.uniform(math.log(r.low), math.log(r.high))) if r.log else rng.uniform(r.low, r.high)
                 for k, r in cfg.search.items()} for _ in range(cfg.num_samples)]
-    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
+    setup = {"base": base.to_dict(), "epochs": cfg.epochs, "root": str(root), "tracking_uri": uri,
+             "inputs": {k: str(a.path) for k, a in prefix.artifacts.items()}, "parent_run_id": parent,
+             "sweep_name": name}
+    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": TRIAL_CPU})
     tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search([{"sample": i, "values": v} for i, v in enumerate(samples)]),
-                     "base": base.to_dict(), "epochs": cfg.epochs, "root": str(root),
-                     "inputs": {k: str(a.path) for k, a in prefix.artifacts.items()}, "tracking_uri": uri,
-                     "parent_run_id": parent, "sweep_name": name},
+        trainable,  # the search space is the samples alone; what every trial shares goes in `setup`
+        param_space={"trial": tune.grid_search([{"sample": i, "values": v} for i, v in enumerate(samples)])},
         tune_config=tune.TuneConfig(
             metric=cfg.metric, mode=cfg.mode, num_samples=1,
             max_concurrent_trials=cfg.max_concurrent_trials,

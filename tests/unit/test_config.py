@@ -53,3 +53,97 @@ def test_missing_or_malformed_file(tmp_path):
     (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ValueError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+# -- typed at load (issue 13, item 2) ---------------------------------------------------------------------
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-3", 1e-3), ("1E-3", 1e-3), (".5", 0.5), ("+2.5e+1", 25.0),
+                                             ("3", 3.0), ("0.01", 0.01), ("1_000.5", 1000.5)])
+def test_numbers_in_any_yaml_spelling_become_floats(tmp_path, spelling, value):
+    cfg = load_config(write(tmp_path, f"pipeline: e2e\noptim: {{lr: {spelling}, momentum: {spelling}}}\n"))
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == pytest.approx(value)
+    assert type(cfg.optim.momentum) is float
+    over = load_config(write(tmp_path, "pipeline: e2e\n"), [f"optim.lr={spelling}"])
+    assert type(over.optim.lr) is float and over.optim.lr == pytest.approx(value)
+
+
+def test_names_stay_strings_and_integers_stay_integers(tmp_path):
+    cfg = load_config(write(tmp_path, "pipeline: e2e\nname: 1.10\ntracking: {experiment: 2024}\nseed: 1e1\n"
+                                      "optim: {epochs: 2.0}\ndata: {batch_size: 1e2}\nmodel: {name: resnet20}\n"
+                                      "binarize: {weight: {name: bnn++, mu: 1e1}}\n"))
+    assert cfg.name == "1.10" and cfg.tracking.experiment == "2024"
+    assert cfg.seed == 10 and type(cfg.seed) is int
+    assert cfg.optim.epochs == 2 and type(cfg.optim.epochs) is int
+    assert cfg.data.batch_size == 100 and type(cfg.data.batch_size) is int
+    assert cfg.binarize.weight == {"name": "bnn++", "mu": 10.0}  # free-form sections: YAML 1.2 numbers
+    over = load_config(write(tmp_path, "pipeline: e2e\n"), ["name=1.10", "tracking.experiment=2024"])
+    assert over.name == "1.10" and over.tracking.experiment == "2024"
+    assert build(TrainConfig, {"pipeline": "e2e", "optim": {"lr": "1e-3"}}).optim.lr == 1e-3  # another reader's text
+
+
+def test_every_wrong_type_of_a_file_is_refused_at_once_naming_its_key(tmp_path):
+    from stages.config import ConfigError
+
+    path = write(tmp_path, "pipeline: e2e\nname: {a: 1}\noptim: {lr: fast, epochs: 1.5, bogus: 2}\n"
+                           "distributed: {use_gpu: 1, num_workers: two}\ndistill: {enabled: maybe}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: 7 errors:")
+    for needle in ("name: expected a string, got a mapping", "optim.lr: expected a number, got 'fast'",
+                   "optim.epochs: expected an integer, got '1.5'", "unknown key optim.bogus",
+                   "distributed.use_gpu: expected true or false, got '1'",
+                   "distributed.num_workers: expected an integer, got 'two'",
+                   "distill.enabled: expected true or false, got 'maybe'"):
+        assert needle in text, needle
+    with pytest.raises(ValueError, match="optim.lr: expected a number, got 'fast'"):
+        load_config(write(tmp_path, "pipeline: e2e\n"), ["optim.lr=fast"])
+
+
+def test_pipeline_configs_are_typed_by_the_same_reader(tmp_path):
+    from pipelines.config import load_pipeline
+
+    base = "data: {train: a, test: b}\nteacher: {source: file, path: t.th}\n"
+    pc = load_pipeline(write(tmp_path, base + "name: 1.10\ntracking: {experiment: 2024}\n"
+                                              "train: {optim: {lr: 1E-3}}\npretrain: {lr: .5}\n"))
+    assert pc.name == "1.10" and pc.tracking.experiment == "2024"
+    assert pc.train.optim.lr == 1e-3 and pc.pretrain.lr == 0.5
+    with pytest.raises(ValueError) as err:
+        load_pipeline(write(tmp_path, base + "train: {optim: {lr: fast}}\ndata: {batch_size: big}\n"))
+    assert "train.optim.lr: expected a number, got 'fast'" in str(err.value)
+
+
+# -- paths from the working directory (issue 13, item 3) ------------------------------------------------
+def test_relative_paths_are_taken_from_the_working_directory_never_the_repo(tmp_path, monkeypatch):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    path = write(sub, "pipeline: ft\nteacher: Makefile\ninit: ~/x.pt\ndata: {train: shards/train, test: /abs/test}\n"
+                      "tracking: {run_root: runs, tracking_uri: sqlite:///rel.db}\n"
+                      "distributed: {deepspeed: cpu}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    assert cfg.teacher == str(tmp_path / "Makefile")  # not the repository's Makefile, not the config's folder
+    assert cfg.init == str(Path("~/x.pt").expanduser())
+    assert cfg.data.train == str(tmp_path / "shards" / "train") and cfg.data.test == "/abs/test"
+    assert cfg.tracking.run_root == str(tmp_path / "runs")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'rel.db'}"
+    assert cfg.distributed.deepspeed == str(REPO / "cluster" / "deepspeed" / "cpu.json")  # a preset name
+    again = load_config(path, [f"data.train={tmp_path}/x"])
+    assert again.data.train == str(tmp_path / "x")
+
+
+def test_relative_mlflow_tracking_uri_in_the_environment_is_made_absolute(tmp_path, monkeypatch):
+    from cluster.local import absolute_uri, tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/rel.db")
+    assert tracking_uri("runs") == f"sqlite:///{tmp_path / 'sub' / 'rel.db'}"
+    assert absolute_uri("./mlruns") == str(tmp_path / "mlruns")
+    assert absolute_uri("file:mlruns") == (tmp_path / "mlruns").as_uri()
+    for kept in ("sqlite:////abs/x.db", "http://127.0.0.1:5000", "file:///abs/mlruns", "databricks"):
+        assert absolute_uri(kept) == kept
