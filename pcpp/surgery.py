@@ -25,11 +25,17 @@ from pcpp.calibration import BalanceReport, prepare_activations_
 from pcpp.nn import ACCUMULATOR_BITS, BINARY_TYPES, PLACEMENTS, SCALINGS, UNITS, BinaryMixin, make_quantizer
 
 DEFAULT_PLACEMENT = "threshold"
+GUARDS = ("error", "warn")
 
 
 @dataclass
 class BinarizeSpec:
-    """What to binarize and how. Round-trips through `to_dict` / `from_dict` (unknown keys refused)."""
+    """What to binarize and how. Round-trips through `to_dict` / `from_dict` (unknown keys refused).
+
+    BWA / BWAA only: `activation_placement` (pcpp.placement) decides where each binarized activation gets
+    a signed input; `activation_guard` says what the activation-balance guard does with a layer whose
+    inputs fall >= 99% on one side ("error": refuse, "warn": report it and go on).
+    """
 
     weight: str | dict = "bnn++"
     activation: str | dict | None = None
@@ -41,9 +47,12 @@ class BinarizeSpec:
     keep_first: bool = True
     keep_head: bool = True
     extra_layernorm: bool = False
-    activation_placement: str = DEFAULT_PLACEMENT  # BWA / BWAA only: see pcpp.placement
+    activation_placement: str = DEFAULT_PLACEMENT
+    activation_guard: str = "error"
 
     def __post_init__(self):
+        if self.activation_guard not in GUARDS:
+            raise ValueError(f"unknown activation_guard {self.activation_guard!r}; valid: {', '.join(GUARDS)}")
         if self.activation_placement not in PLACEMENTS:
             raise ValueError(f"unknown activation_placement {self.activation_placement!r}; "
                              f"valid: {', '.join(PLACEMENTS)}")
@@ -224,7 +233,8 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
     calibration: for BWA / BWAA, a few batches (input tensors or (inputs, labels) pairs, normalised as the
     model expects). The thresholds are calibrated on them (pcpp.calibration.calibrate_thresholds_), then
     the guard checks the first one (check_activation_balance, limit 0.99); its table is the report's
-    `balance`. A refused layer raises ValueError naming it, after the surgery (the model is binarized).
+    `balance`. With activation_guard="error" a refused layer raises ValueError naming it, after the
+    surgery (the model is binarized); with "warn" the refused layers are in `balance.refused`.
     """
     if spec is None:
         spec = BinarizeSpec()
@@ -296,5 +306,5 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
     model.pcpp_extra_norms = getattr(model, "pcpp_extra_norms", []) + added
     report = SurgeryReport(rows, added, spec, layout)
     if calibration is not None and spec.activation is not None:
-        report.balance = prepare_activations_(model, calibration)
+        report.balance = prepare_activations_(model, calibration, strict=spec.activation_guard == "error")
     return report

@@ -271,3 +271,6 @@ def test_binarize_with_calibration_batches_calibrates_and_guards(sample):
     with pytest.raises(ValueError, match="layer3.2.conv2"):
         binarize_(refused, {"activation": "bnn", "activation_placement": "none"}, calibration=[x[:64]])
     assert binarize_(teacher(), {}, calibration=[x[:64]]).balance is None  # BW: nothing to check
+    warned = binarize_(teacher(), {"activation": "bnn", "activation_placement": "none", "activation_guard": "warn"},
+                       calibration=[x[:64]])
+    assert len(warned.balance.refused) == 18

@@ -292,6 +292,7 @@ def test_unknown_spec_key(resnet20):
         "keep_head",
         "extra_layernorm",
         "activation_placement",
+        "activation_guard",
     ):
         assert key in msg
 
@@ -304,6 +305,8 @@ def test_unknown_spec_key(resnet20):
         ({"accumulator_bits": 4}, ["4", "None", "8"]),
         ({"weight": "bnn+++"}, ["bnn+++", "bnn++", "bc"]),
         ({"activation": {"name": "bnn++", "nu": 3}}, ["nu", "mu"]),
+        ({"activation_placement": "sign"}, ["sign", "threshold", "hardtanh", "pre_relu", "none"]),
+        ({"activation_guard": "ignore"}, ["ignore", "error", "warn"]),
     ],
 )
 def test_bad_spec_values(resnet20, spec, words):
@@ -321,6 +324,8 @@ def test_spec_round_trips():
         include=["layer1", "layer2"],
         exclude="layer2.0.*",
         extra_layernorm=True,
+        activation_placement="pre_relu",
+        activation_guard="warn",
     )
     assert spec.exclude == ["layer2.0.*"]
     assert BinarizeSpec.from_dict(spec.to_dict()) == spec
