@@ -6,7 +6,9 @@ activations: 10.0%, chance). Two tools, both pure torch and run before training 
 
 - `calibrate_thresholds_(model, batches)`: each binarized layer's `act_threshold` (beta, one entry per
   input channel) is set to the per-channel median of its input over a few batches, in eval mode under
-  the honest binarized forward (fine-tuning from a teacher; end-to-end runs keep beta = 0).
+  the honest binarized forward. Fine-tuning from a teacher calibrates; end-to-end training may start at
+  beta = 0, which in a ReLU network leaves every binarized conv constant (the guard refuses it), so a
+  random-init ReLU model is calibrated too (a data-dependent init) or uses a layout placement.
 - `check_activation_balance(model, batch)`: the share of each binarized activation's inputs that the
   honest forward sends to -1; a layer at or past `limit` on one side is refused by name.
 
