@@ -243,10 +243,10 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
         run_config=tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1),
     )
     grid = tuner.fit()
-    trials = _close_trial_runs(client, parent, grid, cfg)
+    trials = _close_trial_runs(client, parent, grid, cfg, root / "sweeps" / name)
     ok = [t for t in trials if t["status"] in ("finished", "stopped") and _finite(t["metric"])]
     if not ok:
-        first = next((t["error"] for t in trials if t["error"]), "no trial reported a finite metric")
+        first = next((t["error"] for t in trials if t["error"]), f"no trial reported a finite {cfg.metric}")
         raise SweepFailed(f"no trial of sweep {name} finished ({len(trials)} trials): {first}")
     finished = [t for t in ok if t["status"] == "finished"]  # compared at the same epoch when there are any
     best = (max if cfg.mode == "max" else min)(finished or ok, key=lambda t: t["metric"])
@@ -273,11 +273,12 @@ def _trial_runs(client, parent: str) -> dict[int, object]:
     return {int(r.data.tags["pcpp.sample"]): r for r in runs if "pcpp.sample" in r.data.tags}
 
 
-def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig) -> list[dict]:
+def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Path) -> list[dict]:
     """Every trial's MLflow run ends with the status Tune's outcome gives it, set here, after Tune returned.
 
-    finished: all epochs ran (FINISHED); stopped: the scheduler ended it early without an error (KILLED,
-    tag pcpp.stopped_early); diverged or failed: the trial raised (FAILED, with the one-line message).
+    finished: all epochs ran (FINISHED); stopped: the scheduler ended it early (KILLED, tag
+    pcpp.stopped_early); diverged: its last report says so (the engine reports a diverged epoch, and
+    writes result.json before it; FAILED); failed: the trial raised (FAILED, with the one-line message).
     The trials never set these themselves, so the outcome does not depend on which process is faster.
     """
     runs = _trial_runs(client, parent)
@@ -285,24 +286,27 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig) -> list[dict]
     for r in grid:
         sample = r.config["trial"]["sample"]
         metrics = r.metrics or {}
-        epochs = int(metrics.get("epoch", 0) or 0)
+        run = runs.get(sample)
+        result_file = sweep_dir / run.data.tags.get("pcpp.trial", "?") / "result.json" if run else None
+        outcome = json.loads(result_file.read_text()) if result_file and result_file.exists() else {}
+        epochs = int(outcome.get("epochs_done", metrics.get("epoch", 0)) or 0)
         error = one_line(r.error) if r.error else None
-        if error:
-            status = "diverged" if "diverged:" in error else "failed"
+        if metrics.get("diverged") or outcome.get("status") == "diverged":
+            status, error = "diverged", outcome.get("message") or error or "diverged: non-finite loss or weights"
+        elif error:
+            status = "failed"
         else:
             status = "finished" if epochs >= cfg.epochs else "stopped"
         trials.append({"sample": sample, "values": r.config["trial"]["values"], "epochs": epochs,
                        "max_epochs": cfg.epochs, "metric": metrics.get(cfg.metric), "status": status, "error": error})
-        run = runs.get(sample)
         if run is None:  # the trial failed before its run existed
             continue
-        mlflow_status = {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
         client.set_tag(run.info.run_id, "pcpp.status", status)
         client.set_tag(run.info.run_id, "pcpp.epochs_done", str(epochs))
         client.set_tag(run.info.run_id, "pcpp.stopped_early", str(status == "stopped").lower())
         if error:
             client.set_tag(run.info.run_id, "pcpp.message", error[:5000])
-        client.set_terminated(run.info.run_id, mlflow_status)
+        client.set_terminated(run.info.run_id, {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED"))
     return sorted(trials, key=lambda t: t["sample"])
 
 

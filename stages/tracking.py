@@ -7,17 +7,21 @@ line instead of failing. A deleted experiment is refused with the command that r
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 RUN_ID_FILE = "mlflow_run_id"
+_RAISED = re.compile(r"^[\w.]*(Error|Exception|Exit)\b[^:]*: ")
 
 
 def one_line(error: BaseException) -> str:
-    """An MLflow (or any) error as one line: its first non-empty line, without the traceback."""
+    """An error as one line: the innermost `SomeError: message` of a traceback Ray wrapped around it, else
+    the error's type and its first line (MLflow's messages)."""
     text = getattr(error, "message", None) or str(error)
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    cause = next((line for line in reversed(lines) if _RAISED.match(line)), None) if len(lines) > 1 else None
+    return cause or f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def experiment_id(client, name: str, artifact_root: Path) -> str:
