@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.local import deepspeed_file
 from pcpp.quantizers import get_rule, rule_names
 from pcpp.surgery import BinarizeSpec
 from stages.config import (
@@ -144,8 +145,8 @@ class PipelineConfig(ConfigDocument):
                 missing.append(f"{label}: {path} does not exist")
         if self.teacher.source in ("file", "timm") and self.teacher.path and not os.path.exists(self.teacher.path):
             missing.append(f"teacher.path: checkpoint {self.teacher.path} does not exist")
-        if not os.path.exists(self.distributed.deepspeed):
-            missing.append(f"distributed.deepspeed: {self.distributed.deepspeed} does not exist")
+        if not deepspeed_file(self.distributed.deepspeed).exists():
+            missing.append(f"distributed.deepspeed: {deepspeed_file(self.distributed.deepspeed)} does not exist")
         if missing:
             raise FileNotFoundError("; ".join(missing) + " (relative paths are taken from the directory pcpp runs in)")
 

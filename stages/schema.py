@@ -27,13 +27,13 @@ from pathlib import Path
 
 import yaml
 
-from cluster.local import absolute_uri, deepspeed_file, resolve
+from cluster.local import DEEPSPEED_PRESETS, absolute_uri, resolve
 
 PATH = {"path": "file"}  # a file or directory
 URI = {"path": "uri"}  # an MLflow tracking URI (relative sqlite / file stores made absolute)
-DEEPSPEED = {"path": "deepspeed"}  # a DeepSpeed preset name or a JSON file
-_RESOLVERS = {"file": lambda v, base: str(resolve(v, base)), "uri": absolute_uri,
-              "deepspeed": lambda v, base: str(deepspeed_file(v, base))}
+DEEPSPEED = {"path": "deepspeed"}  # a DeepSpeed preset name (kept: it names a shipped file) or a JSON file
+_RESOLVERS = {"file": lambda v, base: str(resolve(v, base)), "uri": absolute_uri,  # presets stay names:
+              "deepspeed": lambda v, base: v if v in DEEPSPEED_PRESETS else str(resolve(v, base))}
 
 
 class ConfigError(ValueError):

@@ -132,7 +132,8 @@ def test_relative_paths_are_taken_from_the_working_directory_never_the_repo(tmp_
     assert cfg.data.train == str(tmp_path / "shards" / "train") and cfg.data.test == "/abs/test"
     assert cfg.tracking.run_root == str(tmp_path / "runs")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'rel.db'}"
-    assert cfg.distributed.deepspeed == str(REPO / "cluster" / "deepspeed" / "cpu.json")  # a preset name
+    assert cfg.distributed.deepspeed == "cpu"  # a preset: the file shipped in cluster/deepspeed/
+    assert load_config(path, ["distributed.deepspeed=ds.json"]).distributed.deepspeed == str(tmp_path / "ds.json")
     again = load_config(path, [f"data.train={tmp_path}/x"])
     assert again.data.train == str(tmp_path / "x")
 
