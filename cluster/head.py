@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.local import LOOPBACK, REPO_ROOT
+from cluster.local import LOOPBACK, REPO_ROOT, free_port  # noqa: F401  (free_port: part of this module's API)
 
 # Ray's unix sockets live at TEMP_DIR/session_<date>_<pid>/sockets/..., and a socket path may not exceed
 # 107 bytes: that leaves about 40 characters for the temp dir itself.
@@ -64,13 +64,6 @@ def ray_executable() -> str:
     if found is None:
         raise FileNotFoundError("no `ray` executable: install ray[default] (`make install` creates .venv)")
     return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _port_in_use(port: int) -> bool:

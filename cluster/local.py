@@ -89,9 +89,20 @@ def ensure_ray(num_cpus: int | None = None):
         # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's PlacementGroupCleaner needs:
         # without it, a trial that Tune stops mid-run leaks its workers' placement group (measured: 1 CPU
         # of 2 stayed reserved and the next trial's workers never started).
+        # A free port, not 8265: that one stays for a head the user starts (cluster/start_local.sh).
         ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True,
-                 dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, runtime_env=runtime_env, log_to_driver=True)
+                 dashboard_host=LOOPBACK, dashboard_port=free_port(), _node_ip_address=LOOPBACK,
+                 runtime_env=runtime_env, log_to_driver=True)
     return ray
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def cluster_is_loopback() -> bool:
