@@ -22,9 +22,9 @@ from torch import nn
 
 from pcpp import placement as _placement
 from pcpp.calibration import BalanceReport, prepare_activations_
-from pcpp.nn import ACCUMULATOR_BITS, BINARY_TYPES, PLACEMENTS, SCALINGS, UNITS, BinaryMixin, make_quantizer
+from pcpp.nn import ACCUMULATOR_BITS, BINARY_TYPES, SCALINGS, UNITS, BinaryMixin, make_quantizer
 
-DEFAULT_PLACEMENT = "threshold"
+DEFAULT_PLACEMENT = _placement.AUTO  # hardtanh where the model defines it, threshold elsewhere
 GUARDS = ("error", "warn")
 
 
@@ -53,9 +53,9 @@ class BinarizeSpec:
     def __post_init__(self):
         if self.activation_guard not in GUARDS:
             raise ValueError(f"unknown activation_guard {self.activation_guard!r}; valid: {', '.join(GUARDS)}")
-        if self.activation_placement not in PLACEMENTS:
+        if self.activation_placement not in _placement.SPEC_PLACEMENTS:
             raise ValueError(f"unknown activation_placement {self.activation_placement!r}; "
-                             f"valid: {', '.join(PLACEMENTS)}")
+                             f"valid: {', '.join(_placement.SPEC_PLACEMENTS)}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scaling!r}; valid: {', '.join(SCALINGS)}")
         if self.units not in UNITS:
@@ -76,10 +76,14 @@ class BinarizeSpec:
             return "BW"
         return "BWAA" if self.accumulator_bits else "BWA"
 
-    def layer_kwargs(self) -> dict:
+    def layer_kwargs(self, placement: str | None = None) -> dict:
+        """Layer constructor arguments; `placement`: the resolved one (pcpp.placement.resolve) for "auto"."""
+        placement = placement or self.activation_placement
+        if placement == _placement.AUTO:
+            raise ValueError("activation_placement 'auto' is resolved per model: pass "
+                             "pcpp.placement.resolve(model, spec.activation_placement)")
         return dict(weight_quantizer=self.weight, act_quantizer=self.activation, scaling=self.scaling,
-                    units=self.units, accumulator_bits=self.accumulator_bits,
-                    activation_placement=self.activation_placement)
+                    units=self.units, accumulator_bits=self.accumulator_bits, activation_placement=placement)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +113,7 @@ class SurgeryReport:
     added_norms: list[str]
     spec: BinarizeSpec
     activation_layout: dict = field(default_factory=dict)  # pcpp.placement.apply_'s record, if rewired
+    activation_placement: str | None = None  # the placement resolved for this model (BWA / BWAA)
     balance: BalanceReport | None = None  # the activation-balance guard's table, when calibration was given
 
     @property
@@ -125,7 +130,10 @@ class SurgeryReport:
 
     def __str__(self) -> str:
         w = max([len(r.name) for r in self.rows] + [6])
-        placement = f", activation_placement={self.spec.activation_placement}" if self.spec.activation else ""
+        chosen = self.spec.activation_placement
+        if self.activation_placement and self.activation_placement != chosen:
+            chosen = f"{chosen} -> {self.activation_placement}"
+        placement = f", activation_placement={chosen}" if self.spec.activation else ""
         lines = [f"binarization ({self.spec.task}, weight={_qname(self.spec.weight)}, "
                  f"activation={_qname(self.spec.activation)}{placement}, scaling={self.spec.scaling})",
                  f"{'module':<{w}}  {'type':<8}  {'params':>10}  action", "-" * (w + 40)]
@@ -287,24 +295,23 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
     if not swaps and not any(r.action == "kept (already binarized)" for r in rows):
         raise ValueError(f"nothing to binarize in {type(model).__name__} with include={spec.include} "
                          f"exclude={spec.exclude}: no Conv2d / Linear layer left after the rules")
-    if spec.activation is not None:
-        _placement.check(model, spec.activation_placement)
+    placement = _placement.resolve(model, spec.activation_placement) if spec.activation is not None else None
     # Build every layer before touching the model: a spec that cannot fit a layer is refused here, by name.
     built = []
     for name, m in swaps:
         try:
-            built.append((name, BINARY_TYPES[type(m)].from_float(m, **spec.layer_kwargs())))
+            built.append((name, BINARY_TYPES[type(m)].from_float(m, **spec.layer_kwargs(placement or "none"))))
         except ValueError as e:
             raise ValueError(f"cannot binarize {name} ({type(m).__name__}): {e}") from None
     # Everything is validated: only now is the model changed.
     for name, new in built:
         _set_module(model, name, new)
-    layout = _placement.apply_(model, spec.activation_placement, [n for n, _ in built]) if spec.activation else {}
+    layout = _placement.apply_(model, placement, [n for n, _ in built]) if placement else {}
     for _, attn in attention:
         add_attention_norm(attn)
     added = [n for n, _ in attention]
     model.pcpp_extra_norms = getattr(model, "pcpp_extra_norms", []) + added
-    report = SurgeryReport(rows, added, spec, layout)
+    report = SurgeryReport(rows, added, spec, layout, placement)
     if calibration is not None and spec.activation is not None:
         report.balance = prepare_activations_(model, calibration, strict=spec.activation_guard == "error")
     return report

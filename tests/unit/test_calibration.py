@@ -219,12 +219,17 @@ def teacher() -> nn.Module:
     return models.create("resnet20", pretrained_file=TEACHER)
 
 
-@pytest.mark.parametrize("task", ["BWA", "BWAA"])
-def test_resnet20_default_placement_carries_information(sample, task):
+@pytest.mark.parametrize("task, chosen", [("BWA", None), ("BWAA", None), ("BWA", "threshold"), ("BWAA", "threshold"),
+                                          ("BWA", "pre_relu")])
+def test_resnet20_placements_carry_information(sample, task, chosen):
     x, _ = sample
     model = teacher()
     spec = BinarizeSpec(weight="bnn++", activation="bnn++", accumulator_bits=8 if task == "BWAA" else None)
-    binarize_(model, spec)  # the default activation_placement
+    if chosen is not None:
+        spec.activation_placement = chosen
+    report = binarize_(model, spec)
+    if chosen is None:  # the default
+        assert spec.activation_placement == "auto" and report.activation_placement == "hardtanh"
     prepare_activations_(model, [x[k:k + 100] for k in range(0, 400, 100)])  # calibration images
     test = x[500:756]  # other images
     report = check_activation_balance(model, test)

@@ -192,7 +192,7 @@ def test_an_export_from_before_thresholds_still_loads(tmp_path, resnet20_teacher
     # Manifests written before activation placements: no placement keys, ReAct's beta stored as
     # `act_quantizer.beta`. They load as the same network.
     model = copy.deepcopy(resnet20_teacher)
-    binarize_(model, {"activation": {"name": "react", "learnable_beta": True}})
+    binarize_(model, {"activation": {"name": "react", "learnable_beta": True}, "activation_placement": "none"})
     with torch.no_grad():
         for _, layer in pnn.binary_layers(model):
             layer.act_threshold.fill_(0.3)  # the old scalar beta, one value for every channel

@@ -155,3 +155,27 @@ def test_binarized_checkpoint_loads_into_a_fresh_binarized_model(tmp_path, resne
     x = torch.randn(2, 3, 32, 32)
     with pnn.binary_eval(resnet20), pnn.binary_eval(fresh):
         assert torch.equal(fresh(x), resnet20(x))
+
+
+@pytest.mark.parametrize("name, kw, expected", [
+    ("resnet20", {}, "hardtanh"),
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=24, num_heads=2), "threshold"),
+    ("resnet18", dict(layers=(1, 1, 1, 1)), "threshold"),
+])
+def test_auto_is_the_default_and_resolves_per_model(name, kw, expected):
+    model = models.create(name, num_classes=10, **kw)
+    report = binarize_(model, {"activation": "bnn++"})
+    assert report.spec.activation_placement == "auto"
+    assert report.activation_placement == expected == placement.resolve(model, "auto")
+    assert f"activation_placement=auto -> {expected}" in str(report)
+    layers = [m for _, m in pnn.binary_layers(model)]
+    assert {m.binary_config()["activation_placement"] for m in layers} == {expected}
+    assert all((m.act_threshold is not None) == (expected == "threshold") for m in layers)
+    assert (getattr(model, "pcpp_activation_layout", {}).get("placement")) == (
+        expected if expected in placement.LAYOUTS else None)
+
+
+def test_bw_records_no_placement(resnet20):
+    report = binarize_(resnet20)
+    assert report.activation_placement is None and "activation_placement" not in str(report)
+    assert {m.activation_placement for _, m in pnn.binary_layers(resnet20)} == {"none"}
