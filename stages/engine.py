@@ -17,6 +17,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from cluster.local import check_resources, deepspeed_file, ensure_ray, resolve, tracking_uri
 from pcpp import models
 from pcpp import nn as pnn
+from pcpp.calibration import BalanceReport, prepare_activations_
 from pcpp.distill import kd_loss
 from pcpp.quantizers import Quantizer, get_rule
 from pcpp.surgery import binarize_
@@ -66,6 +68,35 @@ def build_model(cfg: TrainConfig):
     if rule.training_quantizer == "fp":
         pnn.set_latent_forward(model, True)
     return model, rule, report
+
+
+CALIBRATION_BATCHES = 4  # training batches the activation thresholds are calibrated on (BWA / BWAA)
+
+
+def prepare_activations(model, cfg: TrainConfig, loader) -> BalanceReport | None:
+    """BWA / BWAA, before training: calibrate the activation thresholds, then run the balance guard.
+
+    Thresholds are calibrated at the per-channel median (pcpp.calibration) when fine-tuning from the teacher
+    (no binarized init): an E2E run keeps beta = 0, a pre-trained student keeps its own, a resumed run gets
+    its trained ones back from the checkpoint afterwards. The guard checks the first batch and refuses
+    (activation_guard: error) or reports (warn) a layer whose inputs fall >= 99% on one side. The loader is
+    seeded per epoch (set_epoch), so reading a few batches here does not change the training order.
+    Returns None for BW and full precision.
+    """
+    spec = cfg.binarize
+    if spec is None or spec.activation is None:
+        return None
+    batches = list(islice(iter(loader), CALIBRATION_BATCHES))
+    calibrate = cfg.pipeline == "ft" and not cfg.init
+    return prepare_activations_(model, batches, calibrate=calibrate, strict=spec.activation_guard == "error")
+
+
+def activation_placement(model) -> str | None:
+    """The placement the binarized activations resolved to ('auto' becomes hardtanh or threshold)."""
+    for _, layer in pnn.binary_layers(model):
+        if layer.act_quantizer is not None:
+            return layer.activation_placement
+    return None
 
 
 def build_teacher(cfg: TrainConfig):
@@ -146,6 +177,24 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 
 # -- the per-worker loop ---------------------------------------------------------------------------------
+def _record_balance(balance: BalanceReport, placement: str | None, run_dir: Path, client, run_id) -> None:
+    """The guard's table beside the run and in MLflow (tag pcpp.activation_placement; a warning tag when the
+    guard, set to warn, found one-sided layers)."""
+    text = f"activation_placement: {placement}\n{balance}\n"
+    (run_dir / "activation_balance.txt").write_text(text)
+    if balance.refused:
+        print(f"warning: {balance.error()}", flush=True)
+    if client is None or not run_id:
+        return
+    client.set_tag(run_id, "pcpp.activation_placement", str(placement))
+    client.log_text(run_id, text, "activation_balance.txt")
+    client.log_metric(run_id, "act_below_min", min(r.below for r in balance.rows), step=0)
+    client.log_metric(run_id, "act_below_max", max(r.below for r in balance.rows), step=0)
+    if balance.refused:
+        client.set_tag(run_id, "pcpp.activation_guard", f"warn: {len(balance.refused)} one-sided layers: "
+                       + ", ".join(r.name for r in balance.refused)[:4000])
+
+
 def train_worker(config: dict) -> None:
     """Ray Train entry point; `config` = {"train": TrainConfig dict, "run_dir", "run_id", "tracking_uri"}."""
     import deepspeed
@@ -160,17 +209,6 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
 
-    model, rule, _ = build_model(cfg)
-    teacher = build_teacher(cfg) if cfg.distill.enabled else None
-    optimizer = make_optimizer(cfg, model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world), dist_init_required=False)
-    device = engine.device
-    if teacher is not None:
-        teacher.to(device)
-    binarized = pnn.binarized_params(engine.module)
-    scale_of = pnn.scale_of(engine.module)
-
     micro = cfg.data.batch_size // world
     norm = models.normalization(cfg.model.name)  # the model's (teacher's) input statistics
     per_rank = None if cfg.data.epoch_length is None else cfg.data.epoch_length // world
@@ -181,6 +219,18 @@ def train_worker(config: dict) -> None:
     test_loader = make_loader(resolve(cfg.data.test), train=False, batch_size=256, seed=cfg.seed, rank=rank,
                               world_size=world, num_workers=cfg.data.num_workers, epoch_length=eval_per_rank,
                               mean=norm.mean, std=norm.std)
+    model, rule, _ = build_model(cfg)
+    balance = prepare_activations(model, cfg, train_loader)
+    teacher = build_teacher(cfg) if cfg.distill.enabled else None
+    optimizer = make_optimizer(cfg, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, world), dist_init_required=False)
+    device = engine.device
+    if teacher is not None:
+        teacher.to(device)
+    binarized = pnn.binarized_params(engine.module)
+    scale_of = pnn.scale_of(engine.module)
+
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.optim.epochs
 
@@ -195,6 +245,8 @@ def train_worker(config: dict) -> None:
         from mlflow import MlflowClient
 
         client = MlflowClient(config["tracking_uri"])
+    if rank == 0 and balance is not None:
+        _record_balance(balance, activation_placement(engine.module), run_dir, client, config.get("run_id"))
 
     status, message = "finished", ""
     history = run_dir / "epochs.jsonl"
