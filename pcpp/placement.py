@@ -18,7 +18,7 @@ carries nothing. The placements:
 
 Why "hardtanh" where it exists (bench/activation_placement.py, ResNet-20 BWA fine-tuned from the teacher
 on 10k CIFAR-10 images, honest accuracy on 2k test images): with bnn++ weights and activations, 3 epochs,
-seeds 0 / 1: hardtanh 18.7% / 20.6%, pre_relu 15.7% / -, threshold 10.3% / 10.1% (chance: bnn++'s SS'
+seeds 0 / 1: hardtanh 18.7% / 20.6%, pre_relu 15.7% / 16.1%, threshold 10.3% / 10.1% (chance: bnn++'s SS'
 is negative for |x - beta| > 2.4 / mu, and a median threshold puts the densest inputs in SS's soft zone,
 so the honest sign differs most from the training forward). With bnn weights and activations the
 threshold led (39.8% against 37.2% and 35.4%, 3 epochs, seed 0). The default pair is bnn++.
