@@ -77,22 +77,37 @@ def ensure_ray(num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}}
+    env_vars = {"HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         if not names_remote_cluster(address):
             _force_loopback_constant()
-        ray.init(address=address if "://" not in address else "auto", runtime_env=runtime_env, log_to_driver=True)
-    else:
-        _force_loopback_constant()
-        # address="local": always a fresh loopback instance, never a cluster someone else started here.
-        # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's PlacementGroupCleaner needs:
-        # without it, a trial that Tune stops mid-run leaks its workers' placement group (measured: 1 CPU
-        # of 2 stayed reserved and the next trial's workers never started).
-        # A free port, not 8265: that one stays for a head the user starts (cluster/start_local.sh).
+        if "://" not in address:
+            env_vars["RAY_ADDRESS"] = address  # see below: the State API inside workers
+        ray.init(address=address if "://" not in address else "auto", runtime_env={"env_vars": env_vars},
+                 log_to_driver=True)
+        return ray
+    _force_loopback_constant()
+    # address="local": always a fresh loopback instance, never a cluster someone else started here.
+    # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's PlacementGroupCleaner needs:
+    # without it, a trial that Tune stops mid-run leaks its workers' placement group (measured: 1 CPU of 2
+    # stayed reserved and the next trial's workers never started). The cleaner finds the cluster through
+    # RAY_ADDRESS, else by scanning this machine's processes, which fails as soon as a second Ray runs here
+    # ("Found multiple active Ray instances"): so the GCS port is chosen here and given to every worker.
+    # Free ports, not 8265 / 6379: those stay for a head the user starts (cluster/start_local.sh).
+    gcs_port = free_port()
+    env_vars["RAY_ADDRESS"] = f"{LOOPBACK}:{gcs_port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by ray.init when it starts the GCS
+    try:
         ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True,
                  dashboard_host=LOOPBACK, dashboard_port=free_port(), _node_ip_address=LOOPBACK,
-                 runtime_env=runtime_env, log_to_driver=True)
+                 runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
     return ray
 
 

@@ -65,6 +65,8 @@ class SweepConfig:
     out: str = field(default="", metadata=PATH)  # the best pipeline YAML (default: <root>/sweeps/<name>-best.yaml)
 
     def __post_init__(self):
+        if not isinstance(self.overrides, list):
+            raise ValueError(f"overrides must be a list of key=value strings, got {self.overrides!r}")
         unknown = sorted(set(self.search) - set(SEARCHABLE))
         if unknown:
             raise ValueError(f"unknown search parameters {unknown}; valid: {', '.join(SEARCHABLE)}")
@@ -192,11 +194,7 @@ def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
     base = absolute(base)
     base.check_files()
     ensure_ray()
-    d = base.distributed
-    # One trial must fit on the cluster by itself (more run side by side when the CPUs allow).
-    check_resources({"CPU": TRIAL_CPU + (0 if d.use_gpu else d.num_workers), **({"GPU": d.num_workers}
-                                                                                if d.use_gpu else {})},
-                    f"a sweep trial (distributed.num_workers={d.num_workers})")
+    cfg = _fit_concurrency(cfg, base)
     prefix = run_pipeline(base, only=["teacher"])  # data and teacher once, through the pipeline's cache
     root = base.root_path
     uri = prefix.tracking_uri
@@ -214,6 +212,28 @@ def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
         raise
     client.set_terminated(parent, "FINISHED")
     return result
+
+
+def _fit_concurrency(cfg: SweepConfig, base: PipelineConfig) -> SweepConfig:
+    """One trial must fit on the cluster (else refused, one line); on a loopback cluster, no more trials run
+    side by side than it holds (the others would wait on their workers' placement, timing out and retrying)."""
+    import dataclasses
+
+    import ray
+
+    from cluster.local import cluster_is_loopback
+
+    d = base.distributed
+    per_trial = {"CPU": TRIAL_CPU + (0 if d.use_gpu else d.num_workers), **({"GPU": d.num_workers} if d.use_gpu
+                                                                           else {})}
+    check_resources(per_trial, f"a sweep trial (distributed.num_workers={d.num_workers})")
+    have = ray.cluster_resources()
+    fits = int(min(have.get(k, 0.0) / v for k, v in per_trial.items()) + 1e-9)
+    if cluster_is_loopback() and 1 <= fits < cfg.max_concurrent_trials:
+        print(f"notice: {fits} trial(s) at a time: the Ray cluster holds {fits} x {per_trial} "
+              f"(max_concurrent_trials is {cfg.max_concurrent_trials})", file=sys.stderr, flush=True)
+        return dataclasses.replace(cfg, max_concurrent_trials=fits)
+    return cfg
 
 
 def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent: str, name: str, prefix):

@@ -243,11 +243,10 @@ def _convert(tp, value, path: str, errors: list[str]):
     if origin is list:
         it = (typing.get_args(tp) or (typing.Any,))[0]
         if not isinstance(value, (list, tuple)):
-            if it is str and isinstance(value, (str, Scalar)):  # one pattern for a list of patterns
-                value = [value]
-            else:
-                errors.append(f"{path}: expected a list, got {_shown(value)}")
-                return _FAILED
+            if it is str and isinstance(value, (str, Scalar)) and _scalar_as(str, value) is not _FAILED:
+                return _scalar_as(str, value)  # the dataclass decides (BinarizeSpec takes one pattern as a list)
+            errors.append(f"{path}: expected a list, got {_shown(value)}")
+            return _FAILED
         out = [_convert(it, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
         return _FAILED if any(v is _FAILED for v in out) else out
     if tp in _SCALAR_TYPES:

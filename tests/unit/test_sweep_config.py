@@ -55,6 +55,7 @@ def test_the_metric_must_be_one_the_trials_report(tmp_path):
     ({"num_samples": 0}, "must be >= 1"),
     ({"scheduler": {"reduction_factor": 1}}, "reduction_factor >= 2"),
     ({"metrics": "loss"}, "unknown key metrics (did you mean 'metric'?)"),
+    ({"overrides": "train.seed=1"}, "overrides must be a list of key=value strings"),
 ])
 def test_bad_sweep_configs_are_refused_at_load(tmp_path, sweep, needle):
     with pytest.raises(ValueError) as err:
