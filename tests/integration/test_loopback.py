@@ -151,8 +151,8 @@ def test_pcpp_train_listens_on_loopback_takes_paths_from_its_directory_and_repla
     assert [m.step for m in client.get_metric_history(second.info.run_id, "binary_acc")] == [1]
 
     # The checkpoint was written with ZeRO-1 on one worker: a resume with ZeRO-0 is refused before Ray starts.
-    done = subprocess.run([PCPP, "train", "train.yaml", "distributed.zero_stage=0", *args[2:]], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([PCPP, "train", "train.yaml", "distributed.zero_stage=0", *args[2:]], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip() == (
         f"pcpp train: error: run dir {tmp_path / 'runs' / 'one'} holds a DeepSpeed checkpoint (epoch-0001) written "
