@@ -122,14 +122,16 @@ def test_pipeline_configs_are_typed_by_the_same_reader(tmp_path):
 def test_relative_paths_are_taken_from_the_working_directory_never_the_repo(tmp_path, monkeypatch):
     sub = tmp_path / "configs"
     sub.mkdir()
-    path = write(sub, "pipeline: ft\nteacher: Makefile\ninit: ~/x.pt\ndata: {train: shards/train, test: /abs/test}\n"
+    elsewhere = tmp_path / "elsewhere" / "test"  # an absolute path: kept as it is
+    path = write(sub, "pipeline: ft\nteacher: Makefile\ninit: ~/x.pt\n"
+                      f"data: {{train: shards/train, test: {elsewhere}}}\n"
                       "tracking: {run_root: runs, tracking_uri: sqlite:///rel.db}\n"
                       "distributed: {deepspeed: cpu}\n")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
     assert cfg.teacher == str(tmp_path / "Makefile")  # not the repository's Makefile, not the config's folder
     assert cfg.init == str(Path("~/x.pt").expanduser())
-    assert cfg.data.train == str(tmp_path / "shards" / "train") and cfg.data.test == "/abs/test"
+    assert cfg.data.train == str(tmp_path / "shards" / "train") and cfg.data.test == str(elsewhere)
     assert cfg.tracking.run_root == str(tmp_path / "runs")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'rel.db'}"
     assert cfg.distributed.deepspeed == "cpu"  # a preset: the file shipped in cluster/deepspeed/
