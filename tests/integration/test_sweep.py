@@ -31,18 +31,25 @@ def test_sweep_asha_stops_trials_nests_runs_and_writes_a_runnable_best_config(ti
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(tiny_pipeline(tiny_shards, tmp_path / "root")))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
         "pipeline": str(tmp_path / "pipeline.yaml"),
-        "search": {"mu0": {"low": 2, "high": 10}, "muT": {"low": 20, "high": 60},
-                   "lr": {"low": 1e-5, "high": 0.05, "log": True}},
+        # Narrow mu ranges and a wide lr range: lr decides the first epoch's loss. Seed 82 draws lr 5.3e-6 for
+        # trial 0 and 0.07 for trial 1 (then 2.5e-3, 1.5e-4). Adam at 0.07 throws the binarized teacher far off
+        # in its first epoch (a mean loss several times that of 5e-6, which barely moves it; measured: 3.2e-3
+        # already doubles it), so ASHA stops trial 1 at rung 1 whatever the noise.
+        "search": {"mu0": {"low": 4, "high": 5}, "muT": {"low": 20, "high": 25},
+                   "lr": {"low": 1e-6, "high": 0.1, "log": True}},
         # One trial at a time: ASHA compares each trial with those before it, in the grid's order, so which
         # trials it stops does not depend on which of two concurrent trials reports first.
         "num_samples": 4, "max_concurrent_trials": 1, "epochs": 2, "metric": "loss", "mode": "min",
-        "scheduler": {"grace_period": 1, "reduction_factor": 2}, "seed": 3,
+        "scheduler": {"grace_period": 1, "reduction_factor": 2}, "seed": 82,
     }))
     cfg, base = load_sweep(tmp_path / "sweep.yaml")
     result = sweep(cfg, base)
     print(result.trials)
     assert [t["sample"] for t in result.trials] == [0, 1, 2, 3]
     assert all(t["error"] is None for t in result.trials), result.trials
+    assert result.trials[0]["values"]["lr"] == pytest.approx(5.3e-6, rel=0.05)
+    assert result.trials[1]["values"]["lr"] == pytest.approx(0.07, rel=0.05)
+    assert result.trials[1]["status"] == "stopped", result.trials  # lr 0.07 loses to lr 5e-6 at rung 1
     assert result.stopped_early >= 1, result.trials
     assert result.trials[0]["status"] == "finished"  # the first trial has nobody to be compared with
 
