@@ -20,6 +20,18 @@ def check_progress(progress: float) -> float:
     return p
 
 
+
+def progress_at(step: int, total_steps: int) -> float:
+    """Training progress of optimizer step `step` (0-based) in a run of `total_steps` steps, in [0, 1].
+
+    step / (total_steps - 1), so the first step runs at the schedules' start and the last at their end
+    (mu reaches mu_T, rho reaches rho_T: the trained network is the binary one); clamped to 1 past the end.
+    One step (or none) gives 0 for the first step.
+    """
+    if step < 0 or total_steps < 0:
+        raise ValueError(f"progress needs step >= 0 and total_steps >= 0, got step={step}, total_steps={total_steps}")
+    return min(step / max(total_steps - 1, 1), 1.0)
+
 @dataclass(frozen=True)
 class Schedule:
     """value(p) for p in [0, 1].

@@ -136,3 +136,15 @@ def test_helpers_build_the_named_kinds():
     assert schedules.linear(1.0, 2.0).kind == "linear"
     assert schedules.loglinear(1.0, 2.0).kind == "loglinear"
     assert str(linear(5, 30)) == "linear 5 -> 30"
+
+
+def test_progress_at_runs_the_first_step_at_start_and_the_last_at_end():
+    from pcpp.schedules import progress_at
+
+    assert progress_at(0, 10) == 0.0
+    assert progress_at(9, 10) == 1.0
+    assert progress_at(3, 7) == pytest.approx(0.5)
+    assert progress_at(20, 10) == 1.0  # past the end stays at the end
+    assert progress_at(0, 1) == 0.0 and progress_at(0, 0) == 0.0
+    with pytest.raises(ValueError, match="step=-1"):
+        progress_at(-1, 10)

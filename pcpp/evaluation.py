@@ -1,0 +1,51 @@
+"""The one evaluation of a (binarized) classifier: top-1 counts of the honest network.
+
+Honest (DESIGN.md, "evaluation honesty"): every binarized layer runs its true binary forward (sign of
+the latent weight times its scale, sign of the thresholded activation, the 8-bit wrap for BWAA), the
+figure every accuracy pcpp reports comes from. `honest=False` gives the training forward (the pairs'
+F at the current schedule values), reported beside it so that a forward/binary gap is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pcpp.nn import evaluation
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
+             honest: bool = True) -> tuple[int, int]:
+    """(correct, total) top-1 over `loader`'s (inputs, labels) batches.
+
+    inputs: (N, ...) as the model expects; labels: (N,) class indices. The model runs in eval mode and,
+    with honest=True, on its true binary forward; every module's flags are restored on exit. device:
+    where batches go (default: the model's parameters' device). Total 0 for an empty loader.
+    """
+    device = _device(model) if device is None else torch.device(device)
+    correct = total = 0
+    with evaluation(model, honest), torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            correct += int((model(x).argmax(1) == y).sum())
+            total += y.numel()
+    return correct, total
+
+
+def accuracy(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
+             honest: bool = True) -> float:
+    """Top-1 accuracy in [0, 1] over `loader` (see `evaluate`).
+
+    Raises ValueError when the loader yields no samples (an accuracy of nothing is not 0).
+    """
+    correct, total = evaluate(model, loader, device, honest=honest)
+    if total == 0:
+        raise ValueError("the evaluation loader yielded no samples")
+    return correct / total
