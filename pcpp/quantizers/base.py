@@ -7,7 +7,6 @@ t, k, ...) are pure functions of the training progress p in [0, 1].
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -15,35 +14,26 @@ import torch
 from torch import nn
 
 from pcpp.quantizers.functions import sign
+from pcpp.registry import Registry
+from pcpp.registry import unknown as _unknown
 from pcpp.schedules import Schedule, as_schedule, check_progress
 
-_REGISTRY: dict[str, type[Quantizer]] = {}
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
 
 def register(cls: type[Quantizer]) -> type[Quantizer]:
-    """Class decorator: register a pair once, by its `name`."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"quantizer {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: register a pair once, by its `name` (ValueError if the name is taken)."""
+    return QUANTIZERS.register(cls)
 
 
 def names() -> list[str]:
     """The registered pair names, in registration order (the paper's Table 1, then Appendix F)."""
-    return list(_REGISTRY)
-
-
-def _unknown(kind: str, value: str, valid: list[str]) -> ValueError:
-    close = difflib.get_close_matches(str(value), valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"unknown {kind} {value!r}{hint}; valid: {', '.join(valid) or '(none)'}")
+    return QUANTIZERS.names()
 
 
 def quantizer_class(name: str) -> type[Quantizer]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise _unknown("quantizer", name, names()) from None
+    """The pair class registered as `name`; ValueError listing the valid names otherwise."""
+    return QUANTIZERS.cls(name)
 
 
 def get(name: str, **params) -> Quantizer:

@@ -2,7 +2,7 @@
 
 Every function takes a tensor and plain floats and returns a tensor of the same shape and dtype; no
 autograd is involved (the pairs' backward factors are given explicitly, eq. (7) of the paper).
-sign(0) = +1 throughout.
+sign(0) = +1 throughout. The proximal map L_rho of PC is in pcpp.prox (`prox_linear` stays importable here).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from pcpp.prox import prox_linear  # noqa: F401  (the L_rho map lives in pcpp.prox; this name stays importable)
 
 SQRT2 = math.sqrt(2.0)
 
@@ -57,25 +59,3 @@ def ede_grad(w: torch.Tensor, t: float, k: float) -> torch.Tensor:
     """IR-Net's error decay estimator k t (1 - tanh^2(t w)) (Qin et al. 2020)."""
     th = torch.tanh(t * w)
     return k * t * (1.0 - th * th)
-
-
-def prox_linear(w: torch.Tensor, rho: float, varrho: float = 0.0) -> torch.Tensor:
-    """L_rho^varrho for Q = {-1, +1} (paper Appendix A, eq. (10); DESIGN.md gives the intended map).
-
-    q1+ = min(0, -1 + rho), q2- = max(0, 1 - rho), p- = max(-1, -varrho), p+ = min(1, varrho).
-    -1 up to q1+, a line to (0, p-), a jump at 0 to p+, a line to (q2-, +1), then +1.
-    rho >= 1 gives sign; rho -> 0 with varrho = 0 approaches the identity on [-1, 1].
-    """
-    if not (rho >= 0 and varrho >= 0):
-        raise ValueError(f"L_rho needs rho >= 0 and varrho >= 0, got rho={rho}, varrho={varrho}")
-    q1p = min(0.0, -1.0 + rho)
-    q2m = max(0.0, 1.0 - rho)
-    pm = max(-1.0, -varrho)
-    pp = min(1.0, varrho)
-    neg = torch.full_like(w, -1.0)
-    pos = torch.ones_like(w)
-    if q1p < 0.0:
-        neg = torch.where(w > q1p, -1.0 + (w - q1p) * ((pm + 1.0) / (0.0 - q1p)), neg)
-    if q2m > 0.0:
-        pos = torch.where(w < q2m, pp + w * ((1.0 - pp) / q2m), pos)
-    return torch.where(w >= 0, pos, neg)

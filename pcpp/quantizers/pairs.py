@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pcpp.prox import prox_linear
 from pcpp.quantizers import functions as fn
 from pcpp.quantizers.base import Quantizer, _Pair, register
 from pcpp.schedules import constant, linear, loglinear
@@ -70,7 +71,7 @@ class ProxConnect(Quantizer):
 
     @staticmethod
     def forward_fn(w, rho, varrho):
-        return fn.prox_linear(w, rho, varrho)
+        return prox_linear(w, rho, varrho)
 
     @staticmethod
     def backward_fn(w, rho, varrho):
