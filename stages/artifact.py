@@ -1,8 +1,9 @@
-"""Artifacts and stage keys: what makes the pipeline cacheable and resumable (DESIGN.md, Stages).
+"""Artifacts and stage keys: what makes the pipeline cacheable and resumable.
 
-A stage is `run(cfg: dict, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict` (its
-metrics); it writes files into `out` and nothing else. The runner computes the stage key =
-hash(stage name, config, input digests); an artifact is the directory `<root>/artifacts/<stage>-<key>`
+A stage is `run(cfg, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict` (its metrics),
+where `cfg` is the stage's own typed config (stages.registry) and nothing else; it writes files into
+`out` and nothing else. The runner computes the stage key = hash(stage name, exactly that config, the
+inputs' digests) (`stage_key`); an artifact is the directory `<root>/artifacts/<stage>-<key>`
 with a `manifest.json` (stage, key, config, input digests, files with sha256, metrics). A rerun skips a
 stage whose artifact exists and verifies; a half-written one is never visible (written to a temporary
 directory, renamed when complete).
@@ -10,20 +11,16 @@ directory, renamed when complete).
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcpp.export import sha256_file as _sha256
+from stages.hashing import digest, sha256_file
 
 MANIFEST = "manifest.json"
-
-
-def canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
 @dataclass
@@ -42,7 +39,7 @@ class Artifact:
     @property
     def digest(self) -> str:
         """Content digest: the key plus the files' hashes (what downstream keys depend on)."""
-        return hashlib.sha256(canonical([self.key, self.manifest["files"]]).encode()).hexdigest()[:16]
+        return digest([self.key, self.manifest["files"]])
 
     @property
     def metrics(self) -> dict:
@@ -67,9 +64,15 @@ class StageContext:
     extra: dict = field(default_factory=dict)
 
 
-def stage_key(stage: str, cfg: dict, inputs: dict[str, Artifact]) -> str:
-    payload = canonical({"stage": stage, "config": cfg, "inputs": {k: a.digest for k, a in sorted(inputs.items())}})
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def config_dict(cfg) -> dict:
+    """A stage config as plain data: a dataclass by its fields, a dict as it is."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else dict(cfg)
+
+
+def stage_key(stage: str, cfg, inputs: dict[str, Artifact]) -> str:
+    """hash(stage name, exactly the config object the stage receives, its inputs' digests): 16 hex characters."""
+    digests = {k: a.digest for k, a in sorted(inputs.items())}
+    return digest({"stage": stage, "config": config_dict(cfg), "inputs": digests})
 
 
 def artifact_dir(root: Path, stage: str, key: str) -> Path:
@@ -91,7 +94,7 @@ def load_artifact(path: Path, verify: bool = True) -> Artifact:
             f = path / name
             if not f.exists():
                 raise ValueError(f"artifact {path.name}: file {name} is missing")
-            if _sha256(f) != digest:
+            if sha256_file(f) != digest:
                 raise ValueError(f"artifact {path.name}: file {name} does not match its sha256 (changed or corrupt)")
     return Artifact(path, manifest)
 
@@ -115,15 +118,15 @@ def work_dir(root: Path, stage: str, key: str) -> Path:
     return path
 
 
-def commit(root: Path, stage: str, key: str, cfg: dict, inputs: dict[str, Artifact], out: Path,
+def commit(root: Path, stage: str, key: str, cfg, inputs: dict[str, Artifact], out: Path,
            metrics: dict, started: float) -> Artifact:
     """Hash the files a stage wrote into `out` and publish them as the artifact (atomic rename)."""
     files = {}
     for f in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = f.relative_to(out).as_posix()
         if rel != MANIFEST:
-            files[rel] = _sha256(f)
-    manifest = {"stage": stage, "key": key, "config": cfg,
+            files[rel] = sha256_file(f)
+    manifest = {"stage": stage, "key": key, "config": config_dict(cfg),
                 "inputs": {k: {"stage": a.stage, "key": a.key, "digest": a.digest} for k, a in inputs.items()},
                 "files": files, "metrics": metrics, "seconds": round(time.time() - started, 3),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

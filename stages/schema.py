@@ -17,8 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import hashlib
-import json
 import re
 import types
 import typing
@@ -28,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from cluster.local import DEEPSPEED_PRESETS, absolute_uri, resolve
+from stages.hashing import digest
 
 PATH = {"path": "file"}  # a file or directory
 URI = {"path": "uri"}  # an MLflow tracking URI (relative sqlite / file stores made absolute)
@@ -336,4 +335,4 @@ class ConfigDocument:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return digest(self.to_dict())

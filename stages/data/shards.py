@@ -19,7 +19,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from pcpp.export import sha256_file
+from stages.hashing import sha256_file
 
 FORMAT = "pcpp-webdataset"
 FORMAT_VERSION = 1

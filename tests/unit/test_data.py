@@ -13,8 +13,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pcpp.export import sha256_file
 from stages import data
+from stages.hashing import sha256_file
 
 CLASSES = [f"c{i}" for i in range(10)]
 # ../shared beside the repository, as tests/integration/conftest.py finds it: never an absolute path

@@ -14,8 +14,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pcpp.export import sha256_file
 from stages import data
+from stages.hashing import sha256_file
 
 pytestmark = pytest.mark.unit
 
