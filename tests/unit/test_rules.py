@@ -2,7 +2,8 @@
 
 min ||A w - b||^2 with A well conditioned and b = A w_opt + small noise: w_opt is the binary optimum
 (checked by brute force over the 16 binary points). PC++ pairs train a latent w* through q(w*) (eq. 7);
-ProxQuant, reverse PC and PTB train w directly and act through `RuleOptimizer` hooks.
+ProxQuant, reverse PC and PTB train w directly and act through `RuleOptimizer` hooks (the object the
+training engine runs the hooks through, pcpp.rules).
 """
 
 import itertools
@@ -10,7 +11,8 @@ import itertools
 import pytest
 import torch
 
-from pcpp.quantizers import RuleOptimizer, get, get_rule, names, rule_names
+from pcpp.quantizers import get, names
+from pcpp.rules import RuleOptimizer, UpdateRule, get_rule, rule_names
 
 pytestmark = pytest.mark.unit
 
@@ -69,7 +71,7 @@ def test_pcpp_pairs_reach_the_binary_optimum(problem, name, seed):
         q.set_progress(progress)
         opt.zero_grad()
         problem(q(w)).backward()
-        opt.step(progress)
+        opt.set_progress(progress).step()
     opt.finalize()
     w_star = w.detach()
     F = q.set_progress(1.0).F(w_star)
@@ -87,7 +89,7 @@ def _train_rule(problem, name, seed):
         progress = step / STEPS
         opt.zero_grad()
         problem(w).backward()
-        opt.step(progress)
+        opt.set_progress(progress).step()
     return w, opt
 
 
@@ -130,7 +132,7 @@ def test_rpc_step_starts_from_L_rho():
     p = _param([-0.25, 0.2])
     p.grad = torch.tensor([1.0, -1.0], dtype=torch.float64)  # taken at w* before the map
     opt = RuleOptimizer(torch.optim.SGD([p], lr=0.1), get_rule("rpc", rho=0.5), [p])
-    opt.step(0.5)
+    opt.set_progress(0.5).step()
     assert p.detach().tolist() == pytest.approx([-0.5 - 0.1, 0.4 + 0.1])
 
 
@@ -180,3 +182,84 @@ def test_rule_bad_parameters():
         get_rule("ptb", rho=1.0)  # PTB has no parameters
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         get_rule("pq").values(1.5)
+
+
+# -- the hook interface the engine uses (RuleOptimizer), and the registry -------------------------------------
+def test_acts_reports_the_overridden_hooks():
+    acts = {n: {h for h in ("before_step", "after_step", "finalize") if get_rule(n).acts(h)} for n in rule_names()}
+    assert acts == {"pc++": set(), "pq": {"after_step"}, "rpc": {"before_step", "finalize"}, "ptb": {"finalize"}}
+    with pytest.raises(ValueError, match="before_step"):
+        get_rule("pq").acts("on_step")
+
+
+class _Recorder(UpdateRule):
+    name = "recorder"
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.calls = []
+
+    def before_step(self, params, progress, scale_of=None):
+        self.calls.append(("before", progress, [float(p.detach()) for p in params]))
+
+    def after_step(self, params, progress, scale_of=None):
+        self.calls.append(("after", progress, [float(p.detach()) for p in params]))
+
+
+def test_rule_optimizer_runs_hooks_around_the_step_and_syncs_only_after_acting_hooks():
+    p = _param([1.0])
+    p.grad = torch.ones_like(p)
+    synced = []
+    rule = _Recorder()
+    opt = RuleOptimizer(torch.optim.SGD([p], lr=0.5), rule, [p], sync=lambda: synced.append(len(rule.calls)))
+    assert isinstance(opt, torch.optim.Optimizer)
+    opt.set_progress(0.25).step()
+    assert rule.calls == [("before", 0.25, [1.0]), ("after", 0.25, [0.5])]  # the step ran between the hooks
+    assert synced == [1, 2]
+    opt.finalize()  # not overridden: no call, no sync
+    assert synced == [1, 2]
+    quiet = RuleOptimizer(torch.optim.SGD([p], lr=0.5), get_rule("pc++"), [p], sync=lambda: synced.append(0))
+    quiet.step()
+    quiet.finalize()
+    assert synced == [1, 2]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        opt.set_progress(-0.1)
+
+
+def test_rule_optimizer_closure_and_shared_groups():
+    p = _param([2.0])
+    inner = torch.optim.SGD([p], lr=0.1)
+    opt = RuleOptimizer(inner, get_rule("pq", rho=10.0), [p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert float(opt.step(closure).detach()) == 4.0
+    assert p.detach().tolist() == [1.0]  # 2 - 0.1 * 4 = 1.6, then L_10 = sign
+    opt.param_groups[0]["lr"] = 0.3  # an lr schedule writes through the wrapper
+    assert inner.param_groups[0]["lr"] == 0.3
+    assert opt.defaults is inner.defaults and opt.state is inner.state
+
+
+def test_a_registered_rule_is_built_by_name_and_unregistered():
+    from pcpp.rules import RULES, register
+
+    register(_Recorder)
+    try:
+        assert "recorder" in rule_names()
+        assert isinstance(get_rule("recorder"), _Recorder)
+        with pytest.raises(ValueError, match="already registered"):
+            register(_Recorder)
+    finally:
+        RULES.unregister("recorder")
+    assert "recorder" not in rule_names()
+
+
+def test_old_import_path_still_works():
+    from pcpp.quantizers import get_rule as old_get
+    from pcpp.quantizers import rules as old
+
+    assert old.RuleOptimizer is RuleOptimizer and old_get is get_rule
