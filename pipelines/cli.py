@@ -50,7 +50,7 @@ def cmd_quantizers(args) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"\nverdicts checked at progress {', '.join(map(str, PROGRESS_POINTS))} on w in [-3, 3]")
     if args.plot:
-        from pcpp.plots import plot_verdicts
+        from stages.plots import plot_verdicts
 
         vs = [theory.check(quantizers.get(n).set_progress(args.progress)) for n in quantizers.names()]
         print(f"wrote {plot_verdicts(vs, args.plot, title=f'pcpp quantizers at progress {args.progress:g}')}")
@@ -66,7 +66,7 @@ def cmd_check(args) -> int:
     print(verdict)
     print(f"forward  F(w) = {q.forward_formula}\nbackward B(w) = {q.backward_formula}\nsource: {q.source}")
     if args.plot:
-        from pcpp.plots import plot_verdicts
+        from stages.plots import plot_verdicts
 
         print(f"wrote {plot_verdicts([verdict], args.plot)}")
     return 0 if verdict.admissible or not args.strict else 1

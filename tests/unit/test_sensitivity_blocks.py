@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from pcpp import models
+from pcpp.sensitivity import blocks, scan
 from pcpp.surgery import binarize_
-from stages.sensitivity import _layout, blocks, heatmap, scan
+from stages.plots import _layout, heatmap
 
 pytestmark = pytest.mark.unit
 
@@ -108,7 +109,7 @@ def test_scan_rows():
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 3, 10, 10, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
-    rows = scan(factory, ["body.0", "body.3"], batches, bat_loader=batches, bat_steps=3, lr=1e-3, progress=False)
+    rows = scan(factory, ["body.0", "body.3"], batches, bat_loader=batches, bat_steps=3, lr=1e-3)
     assert [r["block"] for r in rows] == ["body.0", "body.3"]
     assert rows[0]["acc_fp"] == rows[1]["acc_fp"]
     for r in rows:
@@ -116,4 +117,4 @@ def test_scan_rows():
         assert r["drop_ptb"] == pytest.approx(r["acc_fp"] - r["acc_ptb"])
         assert r["drop_bat"] == pytest.approx(r["acc_fp"] - r["acc_bat"])
     with pytest.raises(ValueError, match="bat_loader"):
-        scan(factory, ["body.0"], batches, bat_steps=1, progress=False)
+        scan(factory, ["body.0"], batches, bat_steps=1)
