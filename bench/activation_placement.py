@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pcpp import models  # noqa: E402
-from pcpp import nn as pnn  # noqa: E402
+from pcpp import layers as pnn  # noqa: E402
 from pcpp.calibration import calibrate_thresholds_, check_activation_balance  # noqa: E402
 from pcpp.surgery import binarize_  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pcpp import nn as pnn
+from pcpp import layers as pnn
 from pcpp.evaluation import accuracy
 from pcpp.schedules import progress_at
 from pcpp.surgery import BinarizeSpec, binarize_, first_and_head
