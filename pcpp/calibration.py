@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pcpp.nn import BinaryMixin, binary_layers, evaluation
+from pcpp.layers import BinaryMixin, binary_layers, evaluation
 
 _MAX_PER_CHANNEL = 1 << 14  # values kept per channel and batch (a fixed, evenly spaced subsample)
 

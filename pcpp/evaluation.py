@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pcpp.nn import evaluation
+from pcpp.layers import evaluation
 
 
 def _device(model: nn.Module) -> torch.device:

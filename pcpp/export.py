@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pcpp import placement
-from pcpp.nn import BINARY_TYPES, BinaryMixin, binary_layers, set_binary_eval
+from pcpp.layers import BINARY_TYPES, BinaryMixin, binary_layers, set_binary_eval
 from pcpp.quantizers import from_state
 
 FORMAT = "pcpp-export/1"

@@ -357,7 +357,7 @@ def set_progress(model: nn.Module, progress: float) -> None:
 
 
 def set_latent_forward(model: nn.Module, enabled: bool) -> None:
-    """Training forward on w* itself (ProxQuant, reverse PC, PTB): see pcpp.quantizers.rules."""
+    """Training forward on w* itself (ProxQuant, reverse PC, PTB): see pcpp.rules."""
     for _, m in binary_layers(model):
         m.latent_forward = enabled
 

@@ -6,7 +6,7 @@ carries nothing. The placements:
 
 - "threshold" (ReActNet's RSign): each binarized layer owns a learnable per-input-channel beta and
   binarizes x - beta; `pcpp.calibration.calibrate_thresholds_` puts beta at the channel median when
-  fine-tuning. Defined for every model (`pcpp.nn`).
+  fine-tuning. Defined for every model (`pcpp.layers`).
 - "hardtanh" (IR-Net / Bi-Real Net CNN layouts): each ReLU module that feeds a binarized conv becomes
   nn.Hardtanh(-1, 1), so the conv sees a signed input; the full-precision paths the ReLU fed (shortcuts)
   see the hardtanh too.
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pcpp.nn import PLACEMENTS
+from pcpp.layers import PLACEMENTS
 
 LAYOUTS = ("hardtanh", "pre_relu")
 AUTO = "auto"

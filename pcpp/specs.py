@@ -1,6 +1,6 @@
 """Quantizer specs of the binarized layers: a name, a {'name': .., params..} dict, a Quantizer, or None.
 
-Kept apart from pcpp.nn so that surgery validates a spec without building a layer.
+Kept apart from pcpp.layers so that surgery validates a spec without building a layer.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from torch import nn
 
 from pcpp import placement as _placement
 from pcpp.calibration import BalanceReport, prepare_activations_
-from pcpp.nn import ACCUMULATOR_BITS, BINARY_TYPES, SCALINGS, UNITS, BinaryMixin, make_quantizer
+from pcpp.layers import ACCUMULATOR_BITS, BINARY_TYPES, SCALINGS, UNITS, BinaryMixin, make_quantizer
+from pcpp.tasks import task_of
 
 DEFAULT_PLACEMENT = _placement.AUTO  # hardtanh where the model defines it, threshold elsewhere
 GUARDS = ("error", "warn")
@@ -71,10 +72,8 @@ class BinarizeSpec:
 
     @property
     def task(self) -> str:
-        """The paper's task name: BW, BWA or BWAA."""
-        if self.activation is None:
-            return "BW"
-        return "BWAA" if self.accumulator_bits else "BWA"
+        """The paper's task name: BW, BWA or BWAA (pcpp.tasks)."""
+        return task_of(self.activation, self.accumulator_bits)
 
     def layer_kwargs(self, placement: str | None = None) -> dict:
         """Layer constructor arguments; `placement`: the resolved one (pcpp.placement.resolve) for "auto"."""

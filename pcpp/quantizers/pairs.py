@@ -246,7 +246,7 @@ class ReAct(Quantizer):
 
     beta is a fixed parameter (0 for weights) unless `learnable_beta=True`, which makes it an
     nn.Parameter (one per channel with `channels=C`, broadcast along dim 1, as ReActNet's RSign) when
-    the pair is used on its own. As the activation pair of a binarized layer (pcpp.nn), a learnable beta
+    the pair is used on its own. As the activation pair of a binarized layer (pcpp.layers), a learnable beta
     is the layer's `act_threshold` instead, sized from the layer's input channels (dim -3 of a conv
     input, the last dim of a Linear input); a `channels` that disagrees with a layer is refused.
     """

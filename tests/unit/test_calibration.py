@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-import pcpp.nn as pnn
-from pcpp import models
+import pcpp.layers as pl
+from pcpp import models, tasks
 from pcpp.calibration import balanced_median, calibrate_thresholds_, check_activation_balance, prepare_activations_
-from pcpp.nn import BinaryConv2d, BinaryLinear
+from pcpp.layers import BinaryConv2d, BinaryLinear
 from pcpp.surgery import BinarizeSpec, binarize_
 
 pytestmark = pytest.mark.unit
@@ -150,9 +150,9 @@ def input_minima(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
             seen.setdefault(name, float(args[0].min()))  # returns None: the input is left as it is
         return hook
 
-    for name, m in pnn.binary_layers(model):
+    for name, m in pl.binary_layers(model):
         handles.append(m.register_forward_pre_hook(record(name)))
-    with pnn.binary_eval(model), torch.no_grad():
+    with pl.binary_eval(model), torch.no_grad():
         model(x)
     for h in handles:
         h.remove()
@@ -170,7 +170,7 @@ def test_guard_and_calibration_over_timm_families(family):
     binarize_(raw, {"activation": "bnn++", "activation_placement": "none"})
     post_relu = {n for n, v in input_minima(raw, check).items() if v >= 0}  # every input >= 0: sign() is +1
     report = check_activation_balance(raw, check, strict=False)
-    assert len(report.rows) == sum(1 for _ in pnn.binary_layers(raw))
+    assert len(report.rows) == sum(1 for _ in pl.binary_layers(raw))
     assert {r.name for r in report.refused} == post_relu
     if family in ("resnet", "vit", "convnext", "efficientnet"):  # the ReLU families
         assert post_relu
@@ -224,7 +224,7 @@ def teacher() -> nn.Module:
 def test_resnet20_placements_carry_information(sample, task, chosen):
     x, _ = sample
     model = teacher()
-    spec = BinarizeSpec(weight="bnn++", activation="bnn++", accumulator_bits=8 if task == "BWAA" else None)
+    spec = BinarizeSpec(**tasks.spec(task, "bnn++"))
     if chosen is not None:
         spec.activation_placement = chosen
     report = binarize_(model, spec)
@@ -244,9 +244,9 @@ def test_resnet20_placements_carry_information(sample, task, chosen):
             outputs.setdefault(name, out.detach())
         return hook
 
-    for name, m in pnn.binary_layers(model):
+    for name, m in pl.binary_layers(model):
         handles.append(m.register_forward_hook(record(name)))
-    with pnn.binary_eval(model), torch.no_grad():
+    with pl.binary_eval(model), torch.no_grad():
         model(test[:2])  # two different images
     for h in handles:
         h.remove()
@@ -261,7 +261,7 @@ def test_resnet20_teacher_without_thresholds_is_refused_naming_every_layer(sampl
     binarize_(model, {"activation": "bnn++", "activation_placement": "none"})
     with pytest.raises(ValueError) as err:
         check_activation_balance(model, x[:64])
-    names = [n for n, _ in pnn.binary_layers(model)]
+    names = [n for n, _ in pl.binary_layers(model)]
     assert len(names) == 18 and all(f"{n} (0.0% below)" in str(err.value) for n in names)
 
 
@@ -271,7 +271,7 @@ def test_binarize_with_calibration_batches_calibrates_and_guards(sample):
     report = binarize_(model, {"activation": "bnn", "activation_placement": "threshold"},
                        calibration=[(x[:128], None)])
     assert len(report.balance.rows) == 18 and not report.balance.refused
-    assert all(m.act_threshold.abs().sum() > 0 for _, m in pnn.binary_layers(model))
+    assert all(m.act_threshold.abs().sum() > 0 for _, m in pl.binary_layers(model))
     refused = teacher()
     with pytest.raises(ValueError, match="layer3.2.conv2"):
         binarize_(refused, {"activation": "bnn", "activation_placement": "none"}, calibration=[x[:64]])

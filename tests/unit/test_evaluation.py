@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pcpp.evaluation import accuracy, evaluate
-from pcpp.nn import BinaryLinear
+from pcpp.layers import BinaryLinear
 
 
 def test_counts_the_honest_binary_forward_and_restores_flags():

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-import pcpp.nn as pnn
-from pcpp import export, models
-from pcpp.nn import BinaryMixin, binary_eval
+import pcpp.layers as pl
+from pcpp import export, models, tasks
+from pcpp.layers import BinaryMixin, binary_eval
 from pcpp.surgery import binarize_
 
 pytestmark = pytest.mark.unit
@@ -50,8 +50,8 @@ def randomize_fp_extras(model: nn.Module) -> None:
 
 def check_two_values_per_group(model: nn.Module, original: nn.Module) -> None:
     """Every binarized weight takes exactly the values {-s, +s} in each scale group, s = mean |w*|."""
-    binary = dict(pnn.binary_layers(original))
-    for name, layer in pnn.binary_layers(model):
+    binary = dict(pl.binary_layers(original))
+    for name, layer in pl.binary_layers(model):
         w = layer.weight.detach()
         latent = binary[name].weight.detach()
         if layer.scaling == "channel":
@@ -71,13 +71,13 @@ def round_trip(model: nn.Module, x: torch.Tensor, path: Path, name: str):
     assert summary.ideal_bytes == ideal
     assert summary.file_bytes == path.stat().st_size
     assert abs(summary.file_bytes - ideal) <= 0.02 * ideal, (summary.file_bytes, ideal)
-    assert summary.binary_params == sum(m.weight.numel() for _, m in pnn.binary_layers(model))
+    assert summary.binary_params == sum(m.weight.numel() for _, m in pl.binary_layers(model))
 
     with binary_eval(model):
         expected = model(x)
     loaded = export.load(path)
     assert not loaded.training
-    assert set(dict(pnn.binary_layers(loaded))) == set(dict(pnn.binary_layers(model)))
+    assert set(dict(pl.binary_layers(loaded))) == set(dict(pl.binary_layers(model)))
     assert torch.equal(loaded(x), expected)
     check_two_values_per_group(loaded, model)
     print(
@@ -141,13 +141,13 @@ def test_resnet20_bwa_react_channel(tmp_path, resnet20_teacher):
     assert sum(n.endswith("act_threshold") for n, _ in model.named_parameters()) == 18
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     _, loaded = round_trip(model, x, tmp_path / "r20-bwa.safetensors", "ResNet-20 BWA (react, channel)")
-    for name, layer in pnn.binary_layers(loaded):
+    for name, layer in pl.binary_layers(loaded):
         original = model.get_submodule(name)
         assert torch.equal(layer.act_threshold, original.act_threshold)
         assert layer.binary_config() == original.binary_config()
 
 
-@pytest.mark.parametrize("task", ["BW", "BWA", "BWAA"])
+@pytest.mark.parametrize("task", tasks.TASKS)
 @pytest.mark.parametrize("placement", ["threshold", "pre_relu", "hardtanh"])
 def test_resnet20_thresholds_and_placement_round_trip(tmp_path, resnet20_teacher, task, placement):
     # Calibrated thresholds (distinct per channel) and the signed-input layout come back: the reloaded
@@ -155,24 +155,20 @@ def test_resnet20_thresholds_and_placement_round_trip(tmp_path, resnet20_teacher
     from pcpp.calibration import calibrate_thresholds_
 
     model = copy.deepcopy(resnet20_teacher)
-    spec = {"weight": "bnn", "activation_placement": placement}
-    if task != "BW":
-        spec["activation"] = "bnn++"
-    if task == "BWAA":
-        spec["accumulator_bits"] = 8
+    spec = tasks.spec(task, "bnn", activation=None if task == tasks.BW else "bnn++", activation_placement=placement)
     binarize_(model, spec)
     gen = torch.Generator().manual_seed(0)
     calibrate_thresholds_(model, [torch.randn(8, 3, 32, 32, generator=gen)])
     x = torch.randn(4, 3, 32, 32, generator=gen)
     _, loaded = round_trip(model, x, tmp_path / "r20.safetensors", f"ResNet-20 {task} ({placement})")
-    for name, layer in pnn.binary_layers(model):
+    for name, layer in pl.binary_layers(model):
         twin = loaded.get_submodule(name)
         assert twin.binary_config() == layer.binary_config(), name
         if layer.act_threshold is not None:
             assert layer.act_threshold.unique().numel() > 1
             assert torch.equal(twin.act_threshold, layer.act_threshold), name
     assert getattr(loaded, "pcpp_activation_layout", {}) == getattr(model, "pcpp_activation_layout", {})
-    if task != "BW" and placement == "hardtanh":
+    if task != tasks.BW and placement == "hardtanh":
         assert isinstance(loaded.layer1[0].relu1, nn.Hardtanh)
 
 
@@ -194,7 +190,7 @@ def test_an_export_from_before_thresholds_still_loads(tmp_path, resnet20_teacher
     model = copy.deepcopy(resnet20_teacher)
     binarize_(model, {"activation": {"name": "react", "learnable_beta": True}, "activation_placement": "none"})
     with torch.no_grad():
-        for _, layer in pnn.binary_layers(model):
+        for _, layer in pl.binary_layers(model):
             layer.act_threshold.fill_(0.3)  # the old scalar beta, one value for every channel
     path = tmp_path / "old.safetensors"
     export.save(model, path)
@@ -279,12 +275,12 @@ def test_manifest_contents(tmp_path, resnet20_teacher):
     export.save(model, path)
     manifest = json.loads(export.manifest_path(path).read_text())
     assert manifest["recipe"]["name"] == "resnet20"
-    assert set(manifest["layers"]) == set(dict(pnn.binary_layers(model)))
+    assert set(manifest["layers"]) == set(dict(pl.binary_layers(model)))
     layer = manifest["layers"]["layer1.0.conv1"]
     assert layer["weight_quantizer"]["name"] == "bnn" and layer["accumulator_bits"] == 8
     assert {e["key"] for e in manifest["layout"]} == set(model.state_dict())
     loaded = export.load(path)
-    assert all(m.accumulator_bits == 8 for _, m in pnn.binary_layers(loaded))
+    assert all(m.accumulator_bits == 8 for _, m in pl.binary_layers(loaded))
 
 
 # ---- damaged or missing files ---------------------------------------------------------------------------------

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import pcpp.nn as pnn
-from pcpp import quantizers
-from pcpp.nn import BinaryConv2d, BinaryLinear, binary_eval
+import pcpp.layers as pl
+from pcpp import quantizers, tasks
+from pcpp.layers import BinaryConv2d, BinaryLinear, binary_eval
 
 pytestmark = pytest.mark.unit
 
 DTYPES = [torch.float16, torch.bfloat16]
-TASKS = {"BW": {}, "BWA": {"act_quantizer": "bnn++"}, "BWAA": {"act_quantizer": "bnn++", "accumulator_bits": 8}}
 
 
 def dead_layer(kind: str, dtype, all_zero: bool = False, **spec):
@@ -50,10 +49,10 @@ def forward_backward(layer, x):
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("scaling", ["none", "layer", "channel"])
 @pytest.mark.parametrize("units", ["scaled", "raw"])
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", tasks.TASKS)
 def test_dead_channels_give_finite_outputs_and_gradients(dtype, kind, scaling, units, task):
     for all_zero in (False, True):
-        layer, x = dead_layer(kind, dtype, all_zero, scaling=scaling, units=units, **TASKS[task])
+        layer, x = dead_layer(kind, dtype, all_zero, scaling=scaling, units=units, **tasks.layer_kwargs(task))
         assert layer.weight.dtype == dtype
         if layer.act_threshold is not None:
             assert layer.act_threshold.dtype == dtype
@@ -89,7 +88,7 @@ def test_every_pair_is_finite_in_half_precision(dtype, role, name):
     spec = {"weight_quantizer": name} if role == "weight" else {"act_quantizer": name}
     for progress in (0.0, 0.5, 1.0):
         layer, x = dead_layer("linear", dtype, scaling="channel", **spec)
-        pnn.set_progress(layer, progress)
+        pl.set_progress(layer, progress)
         out, gx = forward_backward(layer, x)
         assert torch.isfinite(out).all() and torch.isfinite(gx).all(), progress
         assert torch.isfinite(layer.weight.grad).all(), progress

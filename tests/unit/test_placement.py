@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import pcpp.nn as pnn
+import pcpp.layers as pl
 from pcpp import models, placement
 from pcpp.surgery import binarize_
 
@@ -121,7 +121,7 @@ def test_layouts_are_refused_where_the_model_does_not_define_them(chosen, name, 
         binarize_(model, {"activation": "bnn++", "activation_placement": chosen})
     msg = str(err.value)
     assert chosen in msg and type(model).__name__ in msg and "'threshold'" in msg
-    assert not any(isinstance(m, pnn.BinaryMixin) for m in model.modules())  # refused before any change
+    assert not any(isinstance(m, pl.BinaryMixin) for m in model.modules())  # refused before any change
 
 
 def test_unknown_placement_is_refused_with_the_valid_ones(resnet20):
@@ -145,7 +145,7 @@ def test_binarized_checkpoint_loads_into_a_fresh_binarized_model(tmp_path, resne
     spec = {"activation": "bnn++", "activation_placement": chosen}
     binarize_(resnet20, spec)
     with torch.no_grad():
-        for _, m in pnn.binary_layers(resnet20):
+        for _, m in pl.binary_layers(resnet20):
             if m.act_threshold is not None:
                 m.act_threshold.normal_()
     torch.save(resnet20.state_dict(), tmp_path / "student.pt")
@@ -153,7 +153,7 @@ def test_binarized_checkpoint_loads_into_a_fresh_binarized_model(tmp_path, resne
     binarize_(fresh, spec)
     models.load_checkpoint(fresh, tmp_path / "student.pt", strict=True)
     x = torch.randn(2, 3, 32, 32)
-    with pnn.binary_eval(resnet20), pnn.binary_eval(fresh):
+    with pl.binary_eval(resnet20), pl.binary_eval(fresh):
         assert torch.equal(fresh(x), resnet20(x))
 
 
@@ -168,7 +168,7 @@ def test_auto_is_the_default_and_resolves_per_model(name, kw, expected):
     assert report.spec.activation_placement == "auto"
     assert report.activation_placement == expected == placement.resolve(model, "auto")
     assert f"activation_placement=auto -> {expected}" in str(report)
-    layers = [m for _, m in pnn.binary_layers(model)]
+    layers = [m for _, m in pl.binary_layers(model)]
     assert {m.binary_config()["activation_placement"] for m in layers} == {expected}
     assert all((m.act_threshold is not None) == (expected == "threshold") for m in layers)
     assert (getattr(model, "pcpp_activation_layout", {}).get("placement")) == (
@@ -178,4 +178,4 @@ def test_auto_is_the_default_and_resolves_per_model(name, kw, expected):
 def test_bw_records_no_placement(resnet20):
     report = binarize_(resnet20)
     assert report.activation_placement is None and "activation_placement" not in str(report)
-    assert {m.activation_placement for _, m in pnn.binary_layers(resnet20)} == {"none"}
+    assert {m.activation_placement for _, m in pl.binary_layers(resnet20)} == {"none"}

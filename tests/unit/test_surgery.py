@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import pcpp.nn as pnn
-from pcpp import models
-from pcpp.nn import BinaryConv2d, BinaryLinear, BinaryMixin, binary_eval
+import pcpp.layers as pl
+from pcpp import models, tasks
+from pcpp.layers import BinaryConv2d, BinaryLinear, BinaryMixin, binary_eval
 from pcpp.surgery import BinarizeSpec, binarize_
 
 pytestmark = pytest.mark.unit
@@ -97,7 +97,7 @@ def test_resnet20_layer_settings_follow_spec(resnet20):
         weight={"name": "bnn++", "mu": 7.0}, activation="react", scaling="channel", units="raw", accumulator_bits=8
     )
     binarize_(resnet20, spec)
-    layers = [m for _, m in pnn.binary_layers(resnet20)]
+    layers = [m for _, m in pl.binary_layers(resnet20)]
     assert len(layers) == 18
     for m in layers:
         assert (m.scaling, m.units, m.accumulator_bits) == ("channel", "raw", 8)
@@ -140,11 +140,11 @@ def test_resnet20_forward_backward_bwaa(resnet20):
     binarize_(resnet20, {"activation": "bnn++", "accumulator_bits": 8})
     x = torch.randn(2, 3, 32, 32)
     resnet20(x).logsumexp(1).sum().backward()
-    for _, m in pnn.binary_layers(resnet20):
+    for _, m in pl.binary_layers(resnet20):
         assert torch.isfinite(m.weight.grad).all() and m.weight.grad.abs().sum() > 0
     with binary_eval(resnet20):
         assert torch.isfinite(resnet20(x)).all()
-    assert set(pnn.overflow_rates(resnet20)) == binarized_names(resnet20)
+    assert set(pl.overflow_rates(resnet20)) == binarized_names(resnet20)
 
 
 # ---- DeiT-T (timm) ------------------------------------------------------------------------------------------
@@ -192,12 +192,8 @@ def test_deit_extra_layernorm(deit_model, deit_state):
 
 @pytest.mark.parametrize(
     "spec",
-    [
-        {"weight": "bnn++"},
-        {"weight": "bnn++", "activation": "bnn++"},
-        {"weight": "bnn++", "activation": "bnn++", "accumulator_bits": 8},
-    ],
-    ids=["BW", "BWA", "BWAA"],
+    [tasks.spec(task, "bnn++") for task in tasks.TASKS],
+    ids=list(tasks.TASKS),
 )
 def test_deit_forward_backward(deit_model, spec):
     model = deit(deit_model)
@@ -206,7 +202,7 @@ def test_deit_forward_backward(deit_model, spec):
     out = model(x)
     assert out.shape == (2, 10)
     out.logsumexp(1).sum().backward()
-    for name, m in pnn.binary_layers(model):
+    for name, m in pl.binary_layers(model):
         assert m.weight.grad is not None and torch.isfinite(m.weight.grad).all(), name
     with binary_eval(model):
         assert torch.isfinite(model(x)).all()

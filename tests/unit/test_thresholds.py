@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pcpp import models, quantizers
-from pcpp.nn import BinaryConv2d, BinaryLinear, binary_eval
+from pcpp.layers import BinaryConv2d, BinaryLinear, binary_eval
 from pcpp.surgery import binarize_
 
 pytestmark = pytest.mark.unit

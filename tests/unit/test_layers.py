@@ -1,4 +1,4 @@
-"""Binarized layers (pcpp.nn) against their torch twins and references computed here from the definitions.
+"""Binarized layers (pcpp.layers) against their torch twins and references computed here from the definitions.
 
 References are written from DESIGN.md ("layers, surgery, tasks") and the paper's eq. (7): with a scale s,
 a weight pair acts in units of s (output s F(w*/s), gradient B(w*/s)); honest mode is s sign(w*) with
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pcpp.nn as pnn
+import pcpp.layers as pl
 from pcpp import quantizers
-from pcpp.nn import BinaryConv2d, BinaryLinear, binary_eval
+from pcpp.layers import BinaryConv2d, BinaryLinear, binary_eval
 
 pytestmark = pytest.mark.unit
 
@@ -201,7 +201,7 @@ def test_set_progress_reaches_every_quantizer():
     )
     qs = [m for m in model.modules() if isinstance(m, quantizers.Quantizer)]
     assert len(qs) == 4
-    pnn.set_progress(model, 0.6)
+    pl.set_progress(model, 0.6)
     assert all(q.progress == 0.6 for q in qs)
     assert model[0].weight_quantizer.params["mu"] == pytest.approx(5 + 0.6 * 25)
     assert model[0].act_quantizer.params["mu"] == pytest.approx(5 + 0.6 * 25)
@@ -262,7 +262,7 @@ def test_scaled_units_thresholds_are_relative_to_s():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
 def test_wrap_integer_matches_int8_cast(dtype):
     z = np.arange(-300, 301)
-    got = pnn.wrap_integer(torch.tensor(z, dtype=dtype), 8)
+    got = pl.wrap_integer(torch.tensor(z, dtype=dtype), 8)
     assert got.tolist() == ref_wrap(z).tolist()
     assert got.min() == -128 and got.max() == 127
 
@@ -295,9 +295,9 @@ def test_bwaa_linear_wraps_integer_dot_products():
     assert out.tolist() == ref_wrap(acc).astype(np.float32).tolist()
     outside = float(((acc < -128) | (acc > 127)).mean())
     assert layer.overflow_rate == pytest.approx(outside, abs=1e-12)
-    assert pnn.overflow_rates(model) == {"0": pytest.approx(outside, abs=1e-12)}
-    assert pnn.overflow_rates(model, reset=True)["0"] > 0
-    assert pnn.overflow_rates(model) == {"0": 0.0}
+    assert pl.overflow_rates(model) == {"0": pytest.approx(outside, abs=1e-12)}
+    assert pl.overflow_rates(model, reset=True)["0"] > 0
+    assert pl.overflow_rates(model) == {"0": 0.0}
 
 
 @pytest.mark.parametrize("scaling", SCALED)
@@ -440,7 +440,7 @@ def test_a_threshold_is_the_one_extra_key():
 def test_soft_fraction_bc_is_zero():
     layer, _, _ = make_pair("conv", weight_quantizer="bc")
     assert layer.soft_fraction() == 0.0
-    assert pnn.soft_fraction(nn.Sequential(layer)) == 0.0
+    assert pl.soft_fraction(nn.Sequential(layer)) == 0.0
 
 
 @pytest.mark.parametrize("units", ["scaled", "raw"])
@@ -451,7 +451,7 @@ def test_soft_fraction_bnn_pp_at_start_is_high(units):
         layer.weight.normal_(0.0, 0.02)  # small weights, as in a trained network
     layer.weight_quantizer.set_progress(0.0)
     assert layer.soft_fraction() > 0.5
-    assert pnn.soft_fraction(nn.Sequential(layer, BinaryLinear(32, 2, weight_quantizer="bc"))) > 0.5
+    assert pl.soft_fraction(nn.Sequential(layer, BinaryLinear(32, 2, weight_quantizer="bc"))) > 0.5
     with binary_eval(layer):
         assert layer.soft_fraction() == 0.0  # the honest forward is binary by construction
 
@@ -461,4 +461,24 @@ def test_soft_fraction_is_weighted_by_layer_size():
     soft = BinaryLinear(30, 10, weight_quantizer="fp")  # 300 weights, almost all soft
     hard = BinaryLinear(10, 10, weight_quantizer="bc")  # 100 weights, none soft
     f = soft.soft_fraction()
-    assert pnn.soft_fraction(nn.Sequential(soft, hard)) == pytest.approx(f * 300 / 400)
+    assert pl.soft_fraction(nn.Sequential(soft, hard)) == pytest.approx(f * 300 / 400)
+
+
+def test_old_module_name_warns_once_and_reexports(monkeypatch):
+    import importlib
+    import sys
+    import warnings
+
+    monkeypatch.delitem(sys.modules, "pcpp.nn", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("pcpp.nn")
+        importlib.import_module("pcpp.nn")  # cached: no second warning
+        from pcpp.nn import BinaryConv2d as OldConv  # noqa: F401
+    deprecations = [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert [str(w.message) for w in deprecations] == [
+        "pcpp.nn is now pcpp.layers; the old name goes in the next release"]
+    assert OldConv is BinaryConv2d and old.binary_eval is binary_eval and old._copy_params is pl._copy_params
+    assert {"BinaryConv2d", "BinaryLinear", "binary_layers", "set_progress", "scale_of"} <= set(old.__all__)
+    with pytest.raises(AttributeError, match="pcpp.layers"):
+        old.no_such_name  # noqa: B018
