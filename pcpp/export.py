@@ -24,9 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pcpp import placement
 from pcpp.layers import BINARY_TYPES, BinaryMixin, binary_layers, set_binary_eval
-from pcpp.quantizers import from_state
+from pcpp.surgery import add_attention_norm
 
 FORMAT = "pcpp-export/1"
 
@@ -202,7 +201,8 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> S
     summary = size_summary(model)
     summary.file_bytes = path.stat().st_size
     manifest = {"format": FORMAT, "file": path.name, "sha256": sha256_file(path), "recipe": recipe,
-                "layers": layers, "extra_norms": list(getattr(model, "pcpp_extra_norms", [])),
+                "binarize": _specs(model), "layers": layers,
+                "extra_norms": list(getattr(model, "pcpp_extra_norms", [])),
                 "activation_layout": dict(getattr(model, "pcpp_activation_layout", None) or {}),
                 "layout": layout, "summary": summary.to_dict()}
     manifest_path(path).write_text(json.dumps(manifest, indent=1))
@@ -224,26 +224,98 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _layer_kwargs(cfg: dict) -> dict:
-    """Layer constructor arguments from a manifest's layer settings (binary_config).
+def _specs(model: nn.Module) -> list[dict] | None:
+    """The binarize_ specs the model went through (pcpp.surgery records them), or None when a spec holds
+    something JSON cannot store (a Quantizer object): the per-layer settings rebuild such a model."""
+    specs = getattr(model, "pcpp_binarize", None)
+    try:
+        return json.loads(json.dumps(specs)) if specs else None
+    except (TypeError, ValueError):
+        return None
 
-    Manifests written before activation placements record neither key: their activations were sign(x)
-    of the raw input ("none", no threshold) unless ReAct learned a beta, which becomes the threshold.
+
+def _pair_spec(state: dict | None) -> dict | None:
+    """A quantizer's recorded state ({"name", "params", "options"}) as a spec dict for binarize_."""
+    return None if state is None else {"name": state["name"], **state.get("params", {}), **state.get("options", {})}
+
+
+def _layer_specs(layers: dict) -> list[dict]:
+    """binarize_ specs equal to a manifest's per-layer settings: one per group of identical settings, naming
+    its layers exactly (manifests without `binarize`, written before it was recorded, rebuild this way).
+
+    Manifests written before activation placements record neither placement key: their activations were
+    sign(x) of the raw input ("none", no threshold) unless ReAct learned a beta, which becomes the threshold.
     """
-    act = cfg["act_quantizer"]
-    learned = act is not None and bool(act.get("options", {}).get("learnable_beta"))
-    return dict(weight_quantizer=from_state(cfg["weight_quantizer"]),
-                act_quantizer=None if act is None else from_state(act), scaling=cfg["scaling"], units=cfg["units"],
-                accumulator_bits=cfg["accumulator_bits"],
-                activation_placement=cfg.get("activation_placement", "none"),
-                act_threshold=cfg.get("act_threshold", learned) if act is not None else False)
+    groups: dict[str, dict] = {}
+    for name, cfg in layers.items():
+        act = cfg["act_quantizer"]
+        spec = {"weight": _pair_spec(cfg["weight_quantizer"]), "activation": _pair_spec(act),
+                "scaling": cfg["scaling"], "units": cfg["units"], "accumulator_bits": cfg["accumulator_bits"],
+                "activation_placement": cfg.get("activation_placement", "none") if act else "auto",
+                "keep_first": False, "keep_head": False}
+        groups.setdefault(json.dumps(spec, sort_keys=True), {**spec, "include": []})["include"].append(name)
+    return list(groups.values())
+
+
+SETTINGS = ("scaling", "units", "accumulator_bits", "activation_placement", "act_threshold")
+
+
+def _differences(built: dict, recorded: dict) -> list[str]:
+    """The settings in which a rebuilt layer differs from the manifest's record (keys it records only)."""
+    out = [k for k in SETTINGS if k in recorded and built[k] != recorded[k]]
+    for k in ("weight_quantizer", "act_quantizer"):
+        name = (built[k] or {}).get("name")
+        if name != (recorded[k] or {}).get("name"):
+            out.append(k)
+    return out
+
+
+def _rebuild(manifest: dict, path: Path) -> nn.Module:
+    """The exported architecture, binarized through binarize_ from the manifest's specs, before any weight."""
+    from pcpp import models
+
+    recipe, layers = manifest["recipe"], manifest["layers"]
+    specs = manifest.get("binarize") or _layer_specs(layers)
+    template = models.create(recipe["name"], **recipe.get("kwargs", {}))
+    for name, cfg in layers.items():  # a wrong recipe is named here rather than as a pattern that matches nothing
+        try:
+            m = template.get_submodule(name)
+        except AttributeError:
+            m = None
+        cls = BINARY_TYPES.get(type(m))
+        if cls is None or cls.__name__ != cfg["type"]:
+            raise ValueError(f"{path}: layer {name} is a {type(m).__name__} in {recipe['name']}, "
+                             f"the manifest says {cfg['type']}")
+    try:
+        model = models.load(recipe, binarize=specs)
+    except ValueError as e:
+        raise ValueError(f"{path}: the manifest's binarization does not rebuild {recipe['name']}: {e}") from None
+    built = {name: layer.binary_config() for name, layer in binary_layers(model)}
+    if set(built) != set(layers):
+        raise ValueError(f"{path}: binarizing {recipe['name']} as the manifest says gives the layers "
+                         f"{sorted(set(built) ^ set(layers))[:5]} that the export does not have (or lacks)")
+    for name, cfg in layers.items():
+        differ = _differences(built[name], cfg)
+        if differ:
+            raise ValueError(f"{path}: layer {name} rebuilt with other settings than exported: {differ}")
+    for name in manifest.get("extra_norms", []):
+        if not hasattr(model.get_submodule(name), "extra_norm"):
+            add_attention_norm(model.get_submodule(name))
+    layout = manifest.get("activation_layout") or {}
+    if layout:  # the exported record, whatever order the layouts were applied in
+        model.pcpp_activation_layout = dict(layout)
+    return model
 
 
 def load(path: str | Path, *, verify: bool = True) -> nn.Module:
-    """Rebuild an exported model, in honest binarized-eval mode and eval()."""
-    from pcpp import models
-    from pcpp.surgery import add_attention_norm
+    """Rebuild an exported model, in honest binarized-eval mode and eval().
 
+    The architecture comes from the manifest's recipe (pcpp.models.load), binarized through
+    pcpp.surgery.binarize_ from the specs the manifest records (or, for older manifests, from its
+    per-layer settings); then the 1-bit weights times their scales and every other tensor are loaded.
+    Raises FileNotFoundError for a missing file or manifest, ValueError for a corrupt or truncated file
+    (sha256 checked unless verify=False), an unknown format, or a manifest that does not fit its recipe.
+    """
     path = Path(path)
     manifest = _read_manifest(path)
     if verify:
@@ -257,21 +329,7 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
         raise ValueError(f"export file {path} cannot be read: {e}") from None
 
     recipe = manifest["recipe"]
-    model = models.create(recipe["name"], **recipe.get("kwargs", {}))
-    for name, cfg in manifest["layers"].items():
-        m = model.get_submodule(name)
-        cls = BINARY_TYPES.get(type(m))
-        if cls is None or cls.__name__ != cfg["type"]:
-            raise ValueError(f"{path}: layer {name} is a {type(m).__name__} in {recipe['name']}, "
-                             f"the manifest says {cfg['type']}")
-        new = cls.from_float(m, **_layer_kwargs(cfg))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    for name in manifest.get("extra_norms", []):
-        add_attention_norm(model.get_submodule(name))
-    layout = manifest.get("activation_layout") or {}
-    if layout:
-        placement.apply_(model, layout["placement"], layout["convs"])
+    model = _rebuild(manifest, path)
 
     state = {}
     bits, scales = tensors["binary.bits"], tensors["binary.scales"]

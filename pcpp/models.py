@@ -20,7 +20,9 @@ __all__ = [
     "Normalization",
     "ZeroPadShortcut",
     "create",
+    "load",
     "load_checkpoint",
+    "load_state",
     "normalization",
     "resnet20",
 ]
@@ -241,8 +243,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state_dict = _strip_prefix(_read_state_dict(path))
+    return load_state(model, _read_state_dict(path), strict=strict, source=f"checkpoint {path}")
 
+
+def load_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+               source: str = "state dict") -> nn.Module:
+    """`load_checkpoint` for a state dict in memory: the same checks, ValueError naming `source`."""
+    state_dict = _strip_prefix(dict(state_dict))
     expected = model.state_dict()
     # Checkpoints from torch < 0.4.1 lack BatchNorm's num_batches_tracked; BatchNorm fills it in on load.
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
@@ -260,7 +267,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     if strict and unexpected:
         problems.append(f"unexpected keys: {_first(unexpected)}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=strict)
     return model
 
@@ -296,6 +303,41 @@ def create(
         load_checkpoint(model, pretrained_file)
     # How to rebuild the architecture (export manifests, pipeline artifacts); weights are stored apart.
     model.pcpp_recipe = {"name": name, "kwargs": {**kw, "num_classes": num_classes}}
+    return model
+
+
+def load(recipe: str | Mapping, binarize=None, weights: str | os.PathLike | Mapping | None = None, *,
+         pretrained: str | os.PathLike | None = None, strict: bool = True) -> nn.Module:
+    """The one model loader: architecture, binarization, weights, in that order.
+
+    recipe: a model name or {"name": ..., "kwargs": {...}} (what `create` records as `model.pcpp_recipe`,
+    the `recipe` of export manifests and pipeline artifacts); `num_classes` may sit in the kwargs.
+    pretrained: full-precision weights loaded before binarization (a teacher's, to fine-tune from).
+    binarize: None (full precision), a spec (pcpp.surgery.BinarizeSpec or its dict), or a list of specs
+    applied in order (a model binarized in steps), each through `pcpp.surgery.binarize_`.
+    weights: a checkpoint file (see `load_checkpoint`) or a state dict of the model as binarized.
+    Raises ValueError for an unknown model, a spec that does not fit it, or weights that do not match
+    (shapes, and with `strict` the key sets); FileNotFoundError for a missing checkpoint file.
+    """
+    if isinstance(recipe, str):
+        recipe = {"name": recipe}
+    if not isinstance(recipe, Mapping) or not isinstance(recipe.get("name"), str):
+        raise ValueError(f"a model recipe is a name or {{'name': ..., 'kwargs': {{...}}}}, got {recipe!r}")
+    unknown = sorted(set(recipe) - {"name", "kwargs"})
+    if unknown:
+        raise ValueError(f"unknown model recipe keys {unknown}; valid: name, kwargs")
+    model = create(recipe["name"], **dict(recipe.get("kwargs") or {}))
+    if pretrained is not None:
+        load_checkpoint(model, pretrained)
+    if binarize is not None:
+        from pcpp.surgery import binarize_  # surgery is the layer above the model factory
+
+        for spec in binarize if isinstance(binarize, (list, tuple)) else [binarize]:
+            binarize_(model, spec)
+    if isinstance(weights, Mapping):
+        load_state(model, weights, strict=strict)
+    elif weights is not None:
+        load_checkpoint(model, weights, strict=strict)
     return model
 
 

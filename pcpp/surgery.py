@@ -310,6 +310,8 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
         add_attention_norm(attn)
     added = [n for n, _ in attention]
     model.pcpp_extra_norms = getattr(model, "pcpp_extra_norms", []) + added
+    # The specs applied so far, in order: an export manifest rebuilds the model through binarize_ from them.
+    model.pcpp_binarize = getattr(model, "pcpp_binarize", []) + [spec.to_dict()]
     report = SurgeryReport(rows, added, spec, layout, placement)
     if calibration is not None and spec.activation is not None:
         report.balance = prepare_activations_(model, calibration, strict=spec.activation_guard == "error")

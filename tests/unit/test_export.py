@@ -201,6 +201,7 @@ def test_an_export_from_before_thresholds_still_loads(tmp_path, resnet20_teacher
         cfg.pop("act_threshold")
         cfg["act_quantizer"]["options"]["learnable_beta"] = True
     manifest.pop("activation_layout")
+    manifest.pop("binarize")  # recorded since the rebuild goes through binarize_: the per-layer settings serve
     for entry in manifest["layout"]:
         if entry["key"].endswith("act_threshold"):
             entry["key"] = entry["key"].replace("act_threshold", "act_quantizer.beta")
@@ -210,6 +211,50 @@ def test_an_export_from_before_thresholds_still_loads(tmp_path, resnet20_teacher
     with binary_eval(model):
         expected = model(x)
     assert torch.equal(export.load(path)(x), expected)
+
+
+def test_load_rebuilds_through_binarize_from_the_recorded_specs(tmp_path, resnet20_teacher):
+    # A model binarized in two steps (BWA hardtanh on layer1, BW with channel scales elsewhere) comes back
+    # through binarize_ from the two specs the manifest records, or from its per-layer settings without them.
+    model = copy.deepcopy(resnet20_teacher)
+    first = {"weight": "bnn", "activation": "bnn++", "include": ["layer1"], "activation_placement": "hardtanh"}
+    binarize_(model, first)
+    binarize_(model, {"weight": "ede", "scaling": "channel"})
+    path = tmp_path / "steps.safetensors"
+    export.save(model, path)
+    manifest = json.loads(export.manifest_path(path).read_text())
+    assert [s["include"] for s in manifest["binarize"]] == [["layer1"], ["*"]]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with binary_eval(model):
+        expected = model(x)
+    loaded = export.load(path)
+    assert loaded.pcpp_binarize == manifest["binarize"]
+    assert torch.equal(loaded(x), expected)
+    manifest.pop("binarize")
+    export.manifest_path(path).write_text(json.dumps(manifest))
+    by_layer = export.load(path)
+    assert [s["include"][:1] for s in by_layer.pcpp_binarize] == [["layer1.0.conv1"], ["layer2.0.conv1"]]
+    assert torch.equal(by_layer(x), expected)
+    for name, layer in pl.binary_layers(model):
+        assert by_layer.get_submodule(name).binary_config() == layer.binary_config(), name
+
+
+def test_load_refuses_specs_that_do_not_rebuild_the_export(tmp_path, resnet20_teacher):
+    model = copy.deepcopy(resnet20_teacher)
+    binarize_(model, {"include": ["layer2"]})
+    path = tmp_path / "m.safetensors"
+    export.save(model, path)
+    mpath = export.manifest_path(path)
+    manifest = json.loads(mpath.read_text())
+    manifest["binarize"][0]["include"] = ["layer3"]
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="that the export does not have"):
+        export.load(path)
+    manifest["binarize"][0]["include"] = ["layer2"]
+    manifest["binarize"][0]["scaling"] = "channel"
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"layer2.0.conv1 rebuilt with other settings than exported: \['scaling'\]"):
+        export.load(path)
 
 
 def test_deit_t_extra_layernorm(tmp_path, deit_t):

@@ -173,3 +173,41 @@ def test_normalization():
     assert models.MODEL_NORMALIZATION["resnet20"].mean == (0.485, 0.456, 0.406)
     assert models.MODEL_NORMALIZATION["resnet20"].std == (0.229, 0.224, 0.225)
     assert len(models.normalization("deit_tiny_patch16_224").mean) == 3
+
+
+# --- the one loader: architecture, binarization, weights ---
+
+
+def test_load_builds_binarizes_and_loads_in_that_order(tmp_path, teacher_file):
+    from pcpp.layers import BinaryConv2d
+
+    recipe = {"name": "resnet20", "kwargs": {"num_classes": 10}}
+    ft = models.load(recipe, {"weight": "bnn"}, pretrained=teacher_file)  # teacher weights, then binarized
+    teacher = models.load("resnet20", weights=teacher_file)
+    assert isinstance(ft.layer1[0].conv1, BinaryConv2d) and type(teacher.layer1[0].conv1) is nn.Conv2d
+    assert torch.equal(ft.layer1[0].conv1.weight, teacher.layer1[0].conv1.weight)
+    assert ft.pcpp_recipe == recipe
+    with torch.no_grad():
+        ft.layer1[0].conv1.weight.mul_(-1.0)
+    path = tmp_path / "student.pt"
+    torch.save(ft.state_dict(), path)
+    steps = [{"weight": "bnn", "include": ["layer1"]}, {"weight": "bnn"}]
+    for weights in (path, ft.state_dict()):
+        student = models.load(recipe, steps, weights=weights)  # a binarized state dict needs the binarized model
+        assert torch.equal(student.layer1[0].conv1.weight, ft.layer1[0].conv1.weight)
+        assert [s["include"] for s in student.pcpp_binarize] == [["layer1"], ["*"]]
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="valid: name, kwargs"):
+        models.load({"name": "resnet20", "num_classes": 10})
+    with pytest.raises(ValueError, match="a model recipe is a name"):
+        models.load({"kwargs": {}})
+    with pytest.raises(ValueError, match="matches no module"):
+        models.load("resnet20", {"include": ["layer9"]})
+    with pytest.raises(FileNotFoundError):
+        models.load("resnet20", weights=tmp_path / "absent.pt")
+    # A BWA model's thresholds are not in a full-precision state dict.
+    with pytest.raises(ValueError, match="state dict does not match CifarResNet: missing keys: .*act_threshold"):
+        models.load("resnet20", {"activation": "bnn", "activation_placement": "threshold"},
+                    weights=models.create("resnet20").state_dict())
