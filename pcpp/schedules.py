@@ -1,4 +1,6 @@
-"""Schedules: pure functions of training progress p = step / total_steps in [0, 1].
+"""Schedules: pure functions of training progress p in [0, 1] (`progress_at`: step / (total_steps - 1)).
+
+The quantizers' and rules' parameter schedules (mu, rho, t, ...) and the learning rate alike.
 
 A schedule is data (kind, start, end), so it serialises with a checkpoint and a resumed run continues
 the same ramp (nanoGPT's rule: the value depends on the step, never on hidden state).
@@ -31,6 +33,24 @@ def progress_at(step: int, total_steps: int) -> float:
     if step < 0 or total_steps < 0:
         raise ValueError(f"progress needs step >= 0 and total_steps >= 0, got step={step}, total_steps={total_steps}")
     return min(step / max(total_steps - 1, 1), 1.0)
+
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate(base_lr: float, progress: float, kind: str = "cosine") -> float:
+    """The optimizer's learning rate at training progress p in [0, 1] (the same p as the quantizers' schedules).
+
+    cosine: 0.5 base_lr (1 + cos(pi p)), from base_lr at p = 0 to 0 at p = 1 (SGDR without restarts);
+    constant: base_lr. Raises ValueError for another kind or a progress outside [0, 1].
+    """
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {kind!r}; valid: {', '.join(LR_SCHEDULES)}")
+    p = check_progress(progress)
+    if kind == "constant":
+        return base_lr
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * p))
+
 
 @dataclass(frozen=True)
 class Schedule:

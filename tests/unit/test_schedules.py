@@ -148,3 +148,17 @@ def test_progress_at_runs_the_first_step_at_start_and_the_last_at_end():
     assert progress_at(0, 1) == 0.0 and progress_at(0, 0) == 0.0
     with pytest.raises(ValueError, match="step=-1"):
         progress_at(-1, 10)
+
+
+def test_learning_rate_cosine_and_constant():
+    from pcpp.schedules import LR_SCHEDULES, learning_rate
+
+    assert LR_SCHEDULES == ("cosine", "constant")
+    assert learning_rate(0.1, 0.0) == 0.1 and learning_rate(0.1, 1.0) == 0.0
+    assert learning_rate(0.1, 0.5) == pytest.approx(0.05)
+    assert learning_rate(0.1, 0.25) == pytest.approx(0.05 * (1 + math.sqrt(0.5)))
+    assert learning_rate(0.1, 0.7, "constant") == 0.1
+    with pytest.raises(ValueError, match="valid: cosine, constant"):
+        learning_rate(0.1, 0.5, "step")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        learning_rate(0.1, 1.5)
