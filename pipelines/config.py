@@ -1,53 +1,71 @@
-"""Pipeline configs: one YAML for the whole recipe of the paper's section 4.3, validated before any work.
+"""Pipeline configs: one YAML for the whole of the paper's section 4.3, validated before any work.
 
 Sections: model, data, teacher, binarize, pretrain, train, sensitivity, export, distributed, tracking.
-Unknown sections, keys and quantizer names are refused with the valid ones listed (stages.config.build).
-Each stage's config is a slice of this file; its key hashes that slice with its inputs' digests.
-Values are typed at load (stages.schema); relative paths are taken from the directory the command runs
-in and made absolute at load, so every stage and worker receives absolute paths.
+Unknown sections, keys and quantizer names are refused with the valid ones listed (stages.schema.build).
+Values are typed at load; relative paths are taken from the directory the command runs in and made
+absolute at load, so every stage and worker receives absolute paths.
+
+The pipeline config is composed of the stages' configs (stages.registry): `stage_configs()` gives each
+stage its own typed config, built from its section and the shared sections it reads (model, the data
+loader settings, binarize, distributed); a stage never sees anything else, and its key hashes exactly
+that. The training stages receive a `TrainConfig`, the schema `pcpp train` reads: the `train` section
+holds its own parts (seed, pipeline, algorithm, optim, distill) under the same names.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.local import deepspeed_file
-from pcpp.quantizers import get_rule, rule_names
 from pcpp.surgery import BinarizeSpec
 from stages.config import (
     PATH,
+    PIPELINES,
     URI,
+    AlgorithmConfig,
     ConfigDocument,
     ConfigError,
+    DataConfig,
     DistillConfig,
     DistributedConfig,
     ModelConfig,
     OptimConfig,
+    TrainConfig,
     absolute,
     apply_overrides,
     build,
     read_yaml,
 )
+from stages.data.stage import DataStageConfig
+from stages.export import ExportConfig
+from stages.schema import renamed
+from stages.sensitivity import SensitivityConfig
+from stages.teacher import SOURCES as TEACHER_SOURCES
+from stages.teacher import TeacherConfig
 
-TEACHER_SOURCES = ("file", "mlflow", "timm", "train")
 STAGES = ("data", "teacher", "pretrain", "train", "sensitivity", "export")
 
 
 @dataclass
-class PipelineData:
-    train: str = field(default="", metadata=PATH)  # an ImageFolder tree, a tar of one, CIFAR batches, shards
-    test: str = field(default="", metadata=PATH)
+class PipelineData(DataConfig):
+    """data: the image sources (an ImageFolder tree, a tar of one, CIFAR batches, or a shard directory),
+    which the data stage shards, and the loader settings every training and evaluation stage uses."""
+
     shard_size: int = 1000
-    batch_size: int = 128
-    num_workers: int = 0
-    epoch_length: int | None = None
-    eval_limit: int | None = None
+
+    def loader(self) -> DataConfig:
+        """The loader settings, as the training stages receive them (their shard directories come from the
+        data stage's artifact when they run)."""
+        return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)
+                             if f.name not in ("train", "test")})
 
 
 @dataclass
-class TeacherStage:
+class TeacherSection:
     source: str = "file"  # file | mlflow | timm | train
     path: str | None = field(default=None, metadata=PATH)  # file: a checkpoint; timm: a weights file (or the HF cache)
     uri: str | None = None  # mlflow: a model URI (runs:/<id>/model, models:/<name>/<version>)
@@ -64,7 +82,7 @@ class TeacherStage:
 
 
 @dataclass
-class PretrainStage:
+class PretrainSection:
     """Binarized pre-training from the teacher for a few epochs (section 4.3, protocol 3)."""
 
     enabled: bool = False
@@ -73,36 +91,37 @@ class PretrainStage:
 
 
 @dataclass
-class TrainStage:
+class TrainSection:
+    """The train stage's own part of its TrainConfig (same keys); model, data loader, binarize and
+    distributed come from the pipeline's shared sections."""
+
+    seed: int = 0
     pipeline: str = "ft"  # ft: from the teacher (or the pre-trained binarized model); e2e: random init
-    rule: str = "pc++"
-    rule_params: dict = field(default_factory=dict)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    seed: int = 0
 
     def __post_init__(self):
-        if self.pipeline not in ("ft", "e2e"):
-            raise ValueError(f"unknown train.pipeline {self.pipeline!r}; valid: ft, e2e")
-        if self.rule not in rule_names():
-            raise ValueError(f"unknown train.rule {self.rule!r}; valid: {', '.join(rule_names())}")
-        get_rule(self.rule, **self.rule_params)  # validates the rule's parameters
+        from pcpp.quantizers import get_rule
+
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"unknown train.pipeline {self.pipeline!r}; valid: {', '.join(PIPELINES)}")
+        get_rule(self.algorithm.rule, **self.algorithm.params)  # validates the rule's parameters
+
+    @classmethod
+    def upgrade(cls, data: dict, where: str) -> dict:
+        """Keys of an earlier release: train.rule / train.rule_params, now train.algorithm.rule / .params."""
+        data = renamed(data, where, "rule", "algorithm.rule")
+        return renamed(data, where, "rule_params", "algorithm.params")
 
 
 @dataclass
-class SensitivityStage:
+class SensitivitySection(SensitivityConfig):
     enabled: bool = True
-    weight: str = "bnn++"
-    activation: str | None = None
-    scaling: str = "layer"
-    eval_limit: int | None = None
-    bat_steps: int = 0
-    bat_lr: float = 1e-4
-    batch_size: int = 256
 
 
 @dataclass
-class ExportStage:
+class ExportSection:
     enabled: bool = True
 
 
@@ -118,22 +137,60 @@ class PipelineConfig(ConfigDocument):
     root: str = field(default="runs", metadata=PATH)  # run root: artifacts/, work/, mlflow.db, mlartifacts/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PipelineData = field(default_factory=PipelineData)
-    teacher: TeacherStage = field(default_factory=TeacherStage)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
     binarize: BinarizeSpec = field(default_factory=BinarizeSpec)
-    pretrain: PretrainStage = field(default_factory=PretrainStage)
-    train: TrainStage = field(default_factory=TrainStage)
-    sensitivity: SensitivityStage = field(default_factory=SensitivityStage)
-    export: ExportStage = field(default_factory=ExportStage)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sensitivity: SensitivitySection = field(default_factory=SensitivitySection)
+    export: ExportSection = field(default_factory=ExportSection)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: PipelineTracking = field(default_factory=PipelineTracking)
-
-    def __post_init__(self):
-        BinarizeSpec(weight=self.sensitivity.weight, activation=self.sensitivity.activation,
-                     scaling=self.sensitivity.scaling)  # validates the scan's quantizer names
 
     @property
     def root_path(self) -> Path:
         return Path(self.root).expanduser().resolve()
+
+    def enabled(self) -> list[str]:
+        """The stages this pipeline runs, in order."""
+        optional = {"pretrain": self.pretrain.enabled, "sensitivity": self.sensitivity.enabled,
+                    "export": self.export.enabled}
+        return [s for s in STAGES if optional.get(s, True)]
+
+    def stage_configs(self) -> dict[str, object]:
+        """Every stage's own config (stages.registry's types), composed from this file's sections."""
+        loader = self.data.loader()
+        t, p = self.teacher, self.pretrain
+
+        def training(name: str, section: TrainSection, binarize: BinarizeSpec | None) -> TrainConfig:
+            return TrainConfig(name=name, seed=section.seed, pipeline=section.pipeline, model=self.model,
+                               data=loader, binarize=binarize, algorithm=section.algorithm, optim=section.optim,
+                               distill=section.distill, distributed=self.distributed)
+
+        def optim(epochs: int, lr: float) -> OptimConfig:
+            return OptimConfig(epochs=epochs, lr=lr)
+
+        teacher_run = None
+        if t.source == "train":  # full precision, from random weights, with the default optimizer
+            teacher_run = training("teacher", TrainSection(pipeline="e2e", optim=optim(t.epochs, t.lr)), None)
+        configs = {
+            "data": DataStageConfig(train=self.data.train, test=self.data.test, shard_size=self.data.shard_size),
+            "teacher": TeacherConfig(source=t.source, path=t.path, uri=t.uri, model=self.model,
+                                     eval_limit=loader.eval_limit, training=teacher_run),
+            "pretrain": training("pretrain", TrainSection(seed=self.train.seed, optim=optim(p.epochs, p.lr)),
+                                 self.binarize),
+            "train": training("train", self.train, self.binarize),
+            "sensitivity": SensitivityConfig(**{f.name: getattr(self.sensitivity, f.name)
+                                                for f in dataclasses.fields(SensitivityConfig)}),
+            "export": ExportConfig(eval_limit=loader.eval_limit),
+        }
+        return {k: copy.deepcopy(v) for k, v in configs.items()}  # no object is shared between two stages
+
+    def stage_config(self, name: str):
+        """One stage's config (see stage_configs)."""
+        from stages.registry import get
+
+        get(name)  # an unknown name: ValueError listing the stages
+        return self.stage_configs()[name]
 
     def check_files(self) -> None:
         """Every input file named by the config exists: fail before any stage starts."""

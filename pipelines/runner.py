@@ -1,80 +1,47 @@
 """The pipeline as a Ray DAG of stage tasks, with our own artifact cache (ray.workflow is gone in 2.60).
 
 data -> teacher -> pretrain (optional) -> train -> export, and teacher -> sensitivity. Each stage task
-computes its key from its config slice and its inputs' digests; a verified artifact under that key is a
-cache hit and the stage is skipped, so a crashed or stopped pipeline resumes where it stopped (a
-training stage also resumes inside, from its last epoch checkpoint). MLflow: one parent run per
+receives its own typed config (PipelineConfig.stage_configs) and its inputs' artifacts; its key hashes
+exactly that config and the inputs' digests (stages.artifact.stage_key). A verified artifact under that
+key is a cache hit and the stage is skipped, so a crashed or stopped pipeline resumes where it stopped
+(a training stage also resumes inside, from its last epoch checkpoint). MLflow: one parent run per
 pipeline run, one child per stage (cache hits too, tagged `pcpp.cached`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.local import check_resources, ensure_ray, tracking_uri
 from pipelines.config import PipelineConfig
+from stages import registry
 from stages.artifact import Artifact, StageContext, cached, commit, stage_key
 from stages.config import absolute
 from stages.tracking import experiment_id, one_line
-
-STAGE_FUNCTIONS = {
-    "data": "stages.data:run",
-    "teacher": "stages.teacher:run",
-    "pretrain": "stages.train:run_pretrain",
-    "train": "stages.train:run_train",
-    "sensitivity": "stages.sensitivity:run",
-    "export": "stages.export:run",
-}
 
 
 @dataclass
 class StagePlan:
     name: str
-    deps: list[str]
-    key_config: dict  # the slice of the pipeline config this stage depends on
-    config: dict = field(default_factory=dict)
+    deps: list[str]  # the stages whose artifacts it reads
+    config: object  # the stage's own config (stages.registry: an instance of its config type)
 
 
 def plan(pc: PipelineConfig) -> list[StagePlan]:
-    """The stages to run, in dependency order, each with the config slice its key hashes."""
-    d = pc.to_dict()
-    data_keys = {k: d["data"][k] for k in ("batch_size", "num_workers", "epoch_length", "eval_limit")}
-    training = {"model": d["model"], "binarize": d["binarize"], "data": data_keys, "distributed": d["distributed"]}
-    stages = [
-        StagePlan("data", [], {"train": d["data"]["train"], "test": d["data"]["test"],
-                               "shard_size": d["data"]["shard_size"]}),
-        StagePlan("teacher", ["data"], {"model": d["model"], "teacher": d["teacher"],
-                                        "eval_limit": d["data"]["eval_limit"],
-                                        **({"training": training} if pc.teacher.source == "train" else {})}),
-    ]
-    if pc.pretrain.enabled:
-        stages.append(StagePlan("pretrain", ["data", "teacher"],
-                                {**training, "pretrain": d["pretrain"], "seed": d["train"]["seed"]}))
-    stages.append(StagePlan("train", ["data", "teacher"] + (["pretrain"] if pc.pretrain.enabled else []),
-                            {**training, "train": d["train"]}))
-    if pc.sensitivity.enabled:
-        stages.append(StagePlan("sensitivity", ["data", "teacher"], {"model": d["model"], **d["sensitivity"]}))
-    if pc.export.enabled:
-        stages.append(StagePlan("export", ["data", "train"], {"eval_limit": d["data"]["eval_limit"]}))
-    for s in stages:
-        if s.name == "sensitivity":  # the scan takes its own section, validated by stages.sensitivity
-            s.config = {k: v for k, v in d["sensitivity"].items() if k != "enabled"}
-        elif s.name == "data":
-            s.config = dict(s.key_config)
-        else:
-            s.config = {"pipeline": d, "eval_limit": d["data"]["eval_limit"]}
-    return stages
-
-
-def _function(name: str):
-    module, _, attr = STAGE_FUNCTIONS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    """The enabled stages, in dependency order, each with its own config and the inputs it reads."""
+    enabled = pc.enabled()
+    configs = pc.stage_configs()
+    out = []
+    for name in enabled:
+        stage = registry.get(name)
+        deps = [*stage.inputs, *(d for d in stage.optional_inputs if d in enabled)]
+        out.append(StagePlan(name, deps, configs[name]))
+    return out
 
 
 def _child_run(ctx: StageContext, stage: str, key: str, cached_hit: bool) -> str | None:
@@ -107,11 +74,10 @@ def _end_child(ctx: StageContext, status: str, artifact: Artifact | None = None,
     client.set_terminated(ctx.run_id, status=status)
 
 
-def execute_stage(name: str, config: dict, key_config: dict, ctx: StageContext, dep_names: list[str],
-                  *deps) -> tuple[Artifact, dict]:
+def execute_stage(name: str, config, ctx: StageContext, dep_names: list[str], *deps) -> tuple[Artifact, dict]:
     """Run one stage (or take its cached artifact); returns (artifact, info)."""
     inputs = {n: d[0] for n, d in zip(dep_names, deps)}
-    key = stage_key(name, key_config, inputs)
+    key = stage_key(name, config, inputs)
     hit = cached(ctx.root, name, key)
     ctx = dataclasses.replace(ctx, extra={**ctx.extra, "key": key})
     ctx.run_id = _child_run(ctx, name, key, hit is not None)
@@ -122,8 +88,8 @@ def execute_stage(name: str, config: dict, key_config: dict, ctx: StageContext, 
     out = ctx.root / "artifacts" / f".tmp-{name}-{key}-{int(started * 1000)}"
     out.mkdir(parents=True)
     try:
-        metrics = _function(name)(config, inputs, out, ctx)
-        artifact = commit(ctx.root, name, key, key_config, inputs, out, metrics, started)
+        metrics = registry.get(name).load()(config, inputs, out, ctx)
+        artifact = commit(ctx.root, name, key, config, inputs, out, metrics, started)
     except BaseException as e:
         shutil.rmtree(out, ignore_errors=True)
         _end_child(ctx, "FAILED", message=f"{type(e).__name__}: {e}")
@@ -158,7 +124,7 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
     parent = _parent_run(pc, uri, root) if log else None
     try:
         ctx = StageContext(root=root, tracking_uri=uri if log else None, experiment=pc.tracking.experiment,
-                           parent_run_id=parent)
+                           pipeline_name=pc.name, parent_run_id=parent)
         return _execute(pc, ctx, uri, only, inject_failure, on_ray_ready)
     except PipelineFailed as e:
         _finish_parent(uri, parent, "FAILED", str(e))
@@ -197,7 +163,7 @@ def _execute(pc: PipelineConfig, ctx: StageContext, uri: str, only, inject_failu
         if inject_failure and s.name in inject_failure:
             stage_ctx = dataclasses.replace(ctx, extra={"fail_after_epoch": inject_failure[s.name]})
         refs[s.name] = task.options(name=f"stage:{s.name}").remote(
-            s.name, s.config, s.key_config, stage_ctx, s.deps, *[refs[d] for d in s.deps])
+            s.name, s.config, stage_ctx, s.deps, *[refs[d] for d in s.deps])
     _IN_FLIGHT[:] = list(refs.values())
     try:
         results = ray.get([refs[s.name] for s in stages])

@@ -10,6 +10,7 @@ pipeline YAML that `pcpp run` accepts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
@@ -90,7 +91,7 @@ def applicable(base: PipelineConfig) -> list[str]:
     weight = base.binarize.weight
     params = get(weight if isinstance(weight, str) else weight["name"]).param_schedules
     out = ["mu0", "muT"] if "mu" in params else []
-    if "rho" in params or base.train.rule in ("pq", "rpc"):
+    if "rho" in params or base.train.algorithm.rule in ("pq", "rpc"):
         out += ["rho0", "rhoT"]
     return out + ["lr"]
 
@@ -108,8 +109,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     useless = [k for k in sweep.search if k not in applicable(base)]
     if useless:
         weight = base.binarize.weight
+        pair = weight if isinstance(weight, str) else weight["name"]
         raise ValueError(f"{path}: search {useless} change nothing in {sweep.pipeline} (weight pair "
-                         f"{weight if isinstance(weight, str) else weight['name']!r}, rule {base.train.rule!r}); "
+                         f"{pair!r}, rule {base.train.algorithm.rule!r}); "
                          f"searchable there: {', '.join(applicable(base))}")
     return sweep, base
 
@@ -128,8 +130,9 @@ def apply_trial(base: dict, values: dict) -> dict:
     rho = {"kind": "linear", "start": values.get("rho0", 0.01), "end": values.get("rhoT", 10.0)}
     if "rho" in params and ("rho0" in values or "rhoT" in values):
         weight["rho"] = rho
-    if d["train"]["rule"] in ("pq", "rpc") and ("rho0" in values or "rhoT" in values):
-        d["train"]["rule_params"] = {**d["train"].get("rule_params", {}), "rho": rho}
+    algorithm = d["train"]["algorithm"]
+    if algorithm["rule"] in ("pq", "rpc") and ("rho0" in values or "rhoT" in values):
+        algorithm["params"] = {**algorithm.get("params", {}), "rho": rho}
     d["binarize"]["weight"] = weight
     if "lr" in values:
         d["train"]["optim"]["lr"] = values["lr"]
@@ -147,18 +150,15 @@ def _trial(config: dict, *, setup: dict) -> None:
 
     from stages.artifact import StageContext, load_artifact
     from stages.engine import fit
-    from stages.train import _train_config
+    from stages.train import bind
 
     values, sample = config["trial"]["values"], config["trial"]["sample"]
     pc = build(PipelineConfig, apply_trial(setup["base"], values))
-    inputs = {k: load_artifact(Path(v)) for k, v in setup["inputs"].items()}
+    inputs = {k: load_artifact(Path(v)) for k, v in setup["inputs"].items()}  # data and teacher: no pretrain
     ctx = StageContext(root=Path(setup["root"]), tracking_uri=setup["tracking_uri"],
-                       experiment=pc.tracking.experiment, parent_run_id=setup["parent_run_id"])
-    t = pc.train
-    train_dir, test_dir = inputs["data"].path / "train", inputs["data"].path / "test"
-    cfg = _train_config(pc, "trial", t.seed, t.pipeline, inputs["teacher"].file("model.pt"), None, train_dir,
-                        test_dir, pc.binarize, t.rule, t.rule_params, t.optim, setup["epochs"], t.optim.lr,
-                        t.distill, ctx)
+                       experiment=pc.tracking.experiment, pipeline_name=pc.name, parent_run_id=setup["parent_run_id"])
+    cfg = bind(pc.stage_config("train"), inputs, ctx, "trial")  # the train stage's config, trained for ASHA's max_t
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=setup["epochs"]))
     trial_id = ray.tune.get_context().get_trial_id()
     run_dir = Path(setup["root"]) / "sweeps" / setup["sweep_name"] / trial_id
     result = fit(cfg, run_dir=run_dir, parent_run_id=setup["parent_run_id"], run_name=f"trial {sample}",
@@ -217,8 +217,6 @@ def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
 def _fit_concurrency(cfg: SweepConfig, base: PipelineConfig) -> SweepConfig:
     """One trial must fit on the cluster (else refused, one line); on a loopback cluster, no more trials run
     side by side than it holds (the others would wait on their workers' placement, timing out and retrying)."""
-    import dataclasses
-
     import ray
 
     from cluster.local import cluster_is_loopback

@@ -59,6 +59,7 @@ class StageContext:
     root: Path
     tracking_uri: str | None = None
     experiment: str = "pcpp"
+    pipeline_name: str = "pipeline"  # names the runs a stage starts (<pipeline>-<stage>)
     parent_run_id: str | None = None
     run_id: str | None = None  # this stage's MLflow child run
     extra: dict = field(default_factory=dict)

@@ -1,9 +1,14 @@
-"""Typed run configuration: dataclasses validated at load, YAML round trip, unknown keys refused.
+"""The one training schema: `TrainConfig`, what `pcpp train`, the pipeline's training stages (teacher
+training, pre-training, train), the sweep's trials and the benchmarks all hand to the engine.
 
 `load_config(path, overrides=["optim.lr=0.01", ...])` reads a YAML file into a `TrainConfig`; every
 section is a dataclass bound by its annotations (stages.schema): a misspelt key or a value of the wrong
 type fails at once, every error of the file together, with the valid keys listed (torchtune's rule).
 Relative paths are taken from the directory the command runs in and made absolute at load.
+
+In a pipeline, the training stages receive a TrainConfig composed from the pipeline's sections
+(pipelines.config); the paths that come from their input artifacts (shards, teacher and student
+checkpoints) and the tracking settings of the run are filled in by the stage (stages.train.bind).
 """
 
 from __future__ import annotations
@@ -132,6 +137,13 @@ class TrainConfig(ConfigDocument):
     def __post_init__(self):
         if self.pipeline not in PIPELINES:
             raise ValueError(f"unknown pipeline {self.pipeline!r}; valid: {', '.join(PIPELINES)}")
+
+    def validate_inputs(self) -> None:
+        """The checkpoints this run reads are named: a teacher to fine-tune from and to distil from.
+
+        Checked where the run is complete (load_config, the engine's preflight), not at construction: a
+        pipeline's stage config gets its teacher from its input artifact, when the stage runs.
+        """
         if self.pipeline == "ft" and not self.teacher:
             raise ValueError("pipeline 'ft' fine-tunes from a full-precision model: set teacher: PATH "
                              "(or use pipeline: e2e for random initialisation)")
@@ -143,6 +155,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     """Read, type and check a training config; relative paths become absolute (from the working directory)."""
     data = apply_overrides(read_yaml(path), overrides or [])
     try:
-        return absolute(build(TrainConfig, data))
-    except ConfigError as e:
+        cfg = build(TrainConfig, data)
+        cfg.validate_inputs()
+    except ValueError as e:
         raise ConfigError([f"{path}: {e}"]) from None
+    return absolute(cfg)

@@ -25,7 +25,9 @@ def _manifest(cfg, split: str) -> dict:
 
 
 def check_inputs(cfg) -> None:
-    """Shards, checkpoints and the DeepSpeed file the config names exist."""
+    """The checkpoints the run needs are named (TrainConfig.validate_inputs), and the shards, checkpoints
+    and DeepSpeed file the config names exist."""
+    cfg.validate_inputs()
     for split in ("train", "test"):
         _manifest(cfg, split)
     for key in ("teacher", "init"):

@@ -20,6 +20,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,6 +263,13 @@ def _build(cls, data, where: str, errors: list[str]):
     if not isinstance(data, dict):
         errors.append(f"{where or cls.__name__}: expected a mapping, got {_shown(data)}")
         return _FAILED
+    upgrade = getattr(cls, "upgrade", None)  # keys renamed in a past release, mapped with a DeprecationWarning
+    if upgrade is not None:
+        try:
+            data = upgrade(dict(data), where)
+        except ValueError as e:
+            errors.append(str(e))
+            return _FAILED
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     names = list(fields)
@@ -293,6 +301,38 @@ def _build(cls, data, where: str, errors: list[str]):
     except (ValueError, TypeError) as e:
         errors.append(str(e) if str(e) else f"{where or cls.__name__}: {type(e).__name__}")
         return _FAILED
+
+
+def renamed(data: dict, where: str, old: str, new: str, values: dict | None = None) -> dict:
+    """`data` with the deprecated key `old` moved to `new` (dotted: "algorithm.rule"), warning once per use
+    (DeprecationWarning naming the new key). `values` maps old values to new ones (any other is refused,
+    naming the valid ones); giving both keys is an error."""
+    if old not in data:
+        return data
+    at = f"{where}." if where else ""
+    data = copy.deepcopy(data)  # the caller's mapping stays as it was
+    *parents, leaf = new.split(".")
+    node = data
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{at}{k}: expected a mapping, got {_shown(node)}")
+    if leaf in node:
+        raise ValueError(f"{at}{old} and {at}{new} are both given: {at}{old} is the old name of {at}{new}; keep one")
+    value = data.pop(old)
+    shown = value.text if isinstance(value, Scalar) else value
+    if values is not None:
+        plain_value = value.value if isinstance(value, Scalar) else value
+        if plain_value not in values:
+            raise ValueError(f"unknown {at}{old} {shown!r}; valid: {', '.join(map(str, values))} "
+                             f"(deprecated: use {at}{new}: {' | '.join(map(str, values.values()))})")
+        value = values[plain_value]
+        shown_new = value
+    else:
+        shown_new = shown
+    warnings.warn(f"config key {at}{old} is deprecated: use {at}{new}: {shown_new}", DeprecationWarning, stacklevel=2)
+    node[leaf] = value
+    return data
 
 
 def build(cls, data, where: str = ""):

@@ -6,14 +6,43 @@ error naming the file, raised before any training starts (the teacher is the fir
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cluster.local import resolve
 from pcpp import models
+from pcpp.evaluation import accuracy
 from stages.artifact import Artifact, StageContext
-from stages.common import accuracy, log_to_run, recipe_of, save_model, shard_dirs
+from stages.common import log_to_run, recipe_of, save_model, shard_dirs
+from stages.config import ModelConfig, TrainConfig
+from stages.schema import PATH
+
+SOURCES = ("file", "mlflow", "timm", "train")
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher stage's config: where the full-precision model comes from, what it is, how many test
+    samples score it, and (source `train`) the full training run that makes it."""
+
+    source: str = "file"  # file | mlflow | timm | train
+    path: str | None = field(default=None, metadata=PATH)  # file: a checkpoint; timm: a weights file (or HF cache)
+    uri: str | None = None  # mlflow: a model URI (runs:/<id>/model, models:/<name>/<version>)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval_limit: int | None = None  # score on the first N test samples only
+    training: TrainConfig | None = None  # source train: E2E full-precision training (binarize: null)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown teacher.source {self.source!r}; valid: {', '.join(SOURCES)}")
+        if self.source == "file" and not self.path:
+            raise ValueError("teacher.source 'file' needs teacher.path")
+        if self.source == "mlflow" and not self.uri:
+            raise ValueError("teacher.source 'mlflow' needs teacher.uri (e.g. runs:/<run id>/model)")
+        if (self.source == "train") != (self.training is not None):
+            raise ValueError("teacher.source 'train' and a training config go together")
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> dict:
@@ -39,43 +68,40 @@ def _from_timm(name: str, kwargs: dict, path: str | None) -> torch.nn.Module:
         raise ValueError(f"teacher: cannot load timm weights of {name!r} from {where}: {e}") from None
 
 
-def run(cfg: dict, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
-    from pipelines.config import PipelineConfig
-    from stages.config import build
+def run(cfg: TeacherConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
+    """Input `data`; writes the teacher's model files and its accuracy on the test shards."""
+    from stages.data import eval_loader
 
-    pc = build(PipelineConfig, cfg["pipeline"])
-    t, m = pc.teacher, pc.model
-    recipe = recipe_of(m)
+    m = cfg.model
+    arch = recipe_of(m)  # how to build it: {"name", "kwargs"}
     _, test_dir = shard_dirs(inputs["data"])
-    if t.source == "train":
-        metrics = _train(pc, inputs, out, ctx)
-        return metrics
-    if t.source == "timm":
-        model = _from_timm(m.name, recipe["kwargs"], t.path)
+    if cfg.source == "train":
+        return _train(cfg, inputs, out, ctx)
+    if cfg.source == "timm":
+        model = _from_timm(m.name, arch["kwargs"], cfg.path)
     else:
-        model = models.create(m.name, **recipe["kwargs"])
-        if t.source == "file":
-            models.load_checkpoint(model, resolve(t.path))
+        model = models.create(m.name, **arch["kwargs"])
+        if cfg.source == "file":
+            models.load_checkpoint(model, resolve(cfg.path))
         else:
-            state = _from_mlflow(t.uri, ctx.tracking_uri)
+            state = _from_mlflow(cfg.uri, ctx.tracking_uri)
             tmp = out / "mlflow_state.pt"
             torch.save(state, tmp)
             models.load_checkpoint(model, tmp)
             tmp.unlink()
-    acc = accuracy(model, test_dir, m.name, limit=pc.data.eval_limit)
-    save_model(out, model, recipe)
+    acc = accuracy(model, eval_loader(test_dir, m.name, limit=cfg.eval_limit))
+    save_model(out, model, arch)
     metrics = {"accuracy": acc}
-    log_to_run(ctx, metrics, params={"teacher.source": t.source, "teacher.path": t.path, "teacher.uri": t.uri})
+    log_to_run(ctx, metrics, params={"teacher.source": cfg.source, "teacher.path": cfg.path, "teacher.uri": cfg.uri})
     return metrics
 
 
-def _train(pc, inputs, out, ctx) -> dict:
+def _train(cfg: TeacherConfig, inputs, out, ctx) -> dict:
     """Full-precision E2E training through the engine (teacher.source: train)."""
-    from stages.train import run_engine
+    from stages.train import bind, run_engine
 
-    result, model = run_engine(pc, inputs, ctx, stage="teacher", binarize=None, pipeline="e2e",
-                               epochs=pc.teacher.epochs, lr=pc.teacher.lr, init=None)
-    save_model(out, model, recipe_of(pc.model))
+    result, model = run_engine(bind(cfg.training, inputs, ctx, "teacher"), ctx, stage="teacher")
+    save_model(out, model, recipe_of(cfg.model))
     acc = result.metrics.get("binary_acc", 0.0)
     log_to_run(ctx, {"accuracy": acc})
     return {"accuracy": acc}

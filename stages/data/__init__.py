@@ -12,7 +12,7 @@ Modules, one idea each:
 - `stage`: `prepare` and the pipeline stage `run`.
 """
 
-from stages.data.loader import ShardLoader, make_loader
+from stages.data.loader import ShardLoader, eval_loader, make_loader
 from stages.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -26,9 +26,10 @@ from stages.data.shards import (
 )
 from stages.data.sources import IMG_EXTENSIONS
 from stages.data.splitting import assign_shards, node_split, worker_split
-from stages.data.stage import open_source, prepare, run
+from stages.data.stage import DataStageConfig, open_source, prepare, run
 
 __all__ = [
+    "DataStageConfig",
     "FORMAT",
     "FORMAT_VERSION",
     "IMAGE_FIELDS",
@@ -37,6 +38,7 @@ __all__ = [
     "SHARD_PATTERN",
     "ShardLoader",
     "assign_shards",
+    "eval_loader",
     "load_manifest",
     "make_loader",
     "node_split",

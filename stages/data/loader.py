@@ -304,3 +304,13 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
+
+
+def eval_loader(shard_dir: str | os.PathLike, model_name: str, *, limit: int | None = None,
+                batch_size: int = 256) -> ShardLoader:
+    """The evaluation loader of a test shard directory, normalised with the statistics the model `model_name`
+    was trained with (pcpp.models.normalization): the first `limit` samples (all by default), in order."""
+    from pcpp import models
+
+    norm = models.normalization(model_name)
+    return make_loader(shard_dir, train=False, batch_size=batch_size, epoch_length=limit, mean=norm.mean, std=norm.std)

@@ -8,6 +8,7 @@ import random
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,20 @@ from tqdm import tqdm
 from stages.data.archive import TarSource
 from stages.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardSink, install, load_manifest, verify
 from stages.data.sources import CifarSource, FolderSource, Source
+from stages.schema import PATH
+
+
+@dataclass
+class DataStageConfig:
+    """The data stage's config: the two image sources and the shard size."""
+
+    train: str = field(default="", metadata=PATH)  # an ImageFolder tree, a tar of one, CIFAR batches, or shards
+    test: str = field(default="", metadata=PATH)
+    shard_size: int = 1000  # images per shard
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"data.shard_size must be >= 1, got {self.shard_size}")
 
 
 def open_source(src: Path, split: str, scratch: Path | None = None, progress: bool = False) -> Source:
@@ -163,19 +178,19 @@ def _take(taken: list[int], label: int, limit: int) -> bool:
     return taken[label] <= limit
 
 
-def run(cfg: dict, inputs: dict, out: Path, ctx) -> dict:
+def run(cfg: DataStageConfig, inputs: dict, out: Path, ctx) -> dict:
     """Data stage: shards for `train/` and `test/` from the configured sources (shard dirs are copied as is)."""
     from cluster.local import resolve
 
     metrics = {}
     for split in ("train", "test"):
-        src = resolve(cfg[split])
+        src = resolve(getattr(cfg, split))
         if (src / MANIFEST).exists():
             verify(src)
             shutil.copytree(src, out / split)
             manifest = load_manifest(out / split)
         else:
-            manifest = prepare(src, out / split, shard_size=cfg.get("shard_size", 1000), progress=True, split=split)
+            manifest = prepare(src, out / split, shard_size=cfg.shard_size, progress=True, split=split)
         metrics[f"{split}_samples"] = manifest["num_samples"]
         metrics["classes"] = len(manifest["classes"])
     return metrics

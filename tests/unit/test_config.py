@@ -34,7 +34,6 @@ def test_overrides_are_typed_yaml_values():
     ({"binarize": {"weight": "bnnx"}}, "valid: fp, bc"),
     ({"algorithm": {"rule": "sgd"}}, "valid: pc++, pq, rpc, ptb"),
     ({"optim": {"name": "lamb"}}, "valid: adam, adamw, sgd"),
-    ({"pipeline": "ft"}, "teacher"),
 ])
 def test_bad_config_is_refused_with_the_valid_values(data, needle):
     base = {"pipeline": "e2e"}
@@ -42,6 +41,16 @@ def test_bad_config_is_refused_with_the_valid_values(data, needle):
     with pytest.raises(ValueError) as err:
         build(TrainConfig, base)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["pipeline: ft\n", "pipeline: e2e\ndistill: {enabled: true}\n"])
+def test_a_run_that_reads_a_teacher_must_name_one(tmp_path, text):
+    """Checked on the complete config (a pipeline stage's gets its teacher from its input when it runs)."""
+    cfg = build(TrainConfig, yaml.safe_load(text))  # a stage config: the teacher is filled in later
+    with pytest.raises(ValueError, match="teacher: PATH"):
+        cfg.validate_inputs()
+    with pytest.raises(ValueError, match="teacher: PATH"):
+        load_config(write(tmp_path, text))
 
 
 def test_missing_or_malformed_file(tmp_path):
@@ -116,6 +125,22 @@ def test_pipeline_configs_are_typed_by_the_same_reader(tmp_path):
     with pytest.raises(ValueError) as err:
         load_pipeline(write(tmp_path, base + "train: {optim: {lr: fast}}\ndata: {batch_size: big}\n"))
     assert "train.optim.lr: expected a number, got 'fast'" in str(err.value)
+
+
+def test_the_pipeline_train_section_takes_the_training_schema_names(tmp_path):
+    """train.rule / train.rule_params (an earlier release) are read as train.algorithm.rule / .params, with a
+    DeprecationWarning naming the new key; both spellings at once are refused."""
+    from pipelines.config import load_pipeline
+
+    base = "data: {train: a, test: b}\nteacher: {source: file, path: t.th}\n"
+    rho = "{rho: {kind: linear, start: 0.1, end: 5}}"
+    with pytest.warns(DeprecationWarning, match=r"train.rule is deprecated: use train.algorithm.rule: pq"):
+        old = load_pipeline(write(tmp_path, base + f"train: {{rule: pq, rule_params: {rho}}}\n"))
+    new = load_pipeline(write(tmp_path, base + f"train: {{algorithm: {{rule: pq, params: {rho}}}}}\n"))
+    assert old == new and new.train.algorithm.params["rho"]["end"] == 5
+    assert new.stage_config("train").algorithm == new.train.algorithm  # the train stage's TrainConfig
+    with pytest.raises(ValueError, match="train.rule and train.algorithm.rule are both given"):
+        load_pipeline(write(tmp_path, base + "train: {rule: pq, algorithm: {rule: rpc}}\n"))
 
 
 # -- paths from the working directory (issue 13, item 3) ------------------------------------------------

@@ -19,7 +19,7 @@ def in_tmp(tmp_path, monkeypatch):
 def files(tmp_path, sweep: dict, weight="bnn++", rule="pc++"):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({
         "data": {"train": "a", "test": "b"}, "teacher": {"source": "file", "path": "t.th"},
-        "binarize": {"weight": weight}, "train": {"rule": rule}}))
+        "binarize": {"weight": weight}, "train": {"algorithm": {"rule": rule}}}))
     (tmp_path / "s.yaml").write_text("pipeline: p.yaml\n" + yaml.safe_dump(sweep))
     return tmp_path / "s.yaml"
 
