@@ -1,4 +1,10 @@
-"""MLflow runs of pcpp: experiments, a training run's run (created, or reused on resume), failures in one line.
+"""The one tracking module: every MLflow call of pcpp goes through here (start a run, log, finish).
+
+- `client(uri)`: one MlflowClient per store URI, per process.
+- `start_run(...)` / `start_training_run(...)`: create a run (a training run directory's run is reused on
+  resume); `Run(uri, run_id)`: log metrics, params, files, text and tags to it, then `finish` it.
+- `log_to_run(ctx, ...)`: a pipeline stage's child run.
+- `one_line(error)`: a failure as one line.
 
 A run directory remembers its MLflow run (`mlflow_run_id`); when that run was deleted (the UI's delete,
 `MlflowClient.delete_run`) or is missing from the store, a rerun starts a new run and says so in one
@@ -7,12 +13,94 @@ line instead of failing. A deleted experiment is refused with the command that r
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+from pcpp import tasks
 
 RUN_ID_FILE = "mlflow_run_id"
 _RAISED = re.compile(r"^[\w.]*(Error|Exception|Exit)\b[^:]*: ")
+
+
+MAX_PARAM_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE = 250, 6000, 5000  # MLflow's limits (SQL store)
+
+
+@functools.cache
+def client(uri: str):
+    """The MlflowClient of store `uri` (created once per process and URI)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One MLflow run of store `uri`: what a stage or a training worker logs to (built once, passed in)."""
+
+    uri: str
+    run_id: str
+
+    @property
+    def client(self):
+        return client(self.uri)
+
+    def log_metrics(self, metrics: Mapping, step: int | None = None) -> None:
+        """Numbers only (other values are skipped), as floats, at `step` (MLflow's default 0 when None)."""
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.client.log_metric(self.run_id, k, float(v), step=step)
+
+    def log_params(self, params: Mapping) -> None:
+        for k, v in params.items():
+            self.client.log_param(self.run_id, k[:MAX_PARAM_KEY], str(v)[:MAX_PARAM_VALUE])
+
+    def log_files(self, files: Iterable[str | Path], artifact_path: str | None = None) -> None:
+        for f in files:
+            self.client.log_artifact(self.run_id, str(f), artifact_path=artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: Mapping) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def finish(self, status: str = "FINISHED", message: str = "", pcpp_status: str | None = None) -> None:
+        """End the run: MLflow `status` (FINISHED, FAILED, KILLED), tags pcpp.status and pcpp.message if given."""
+        if pcpp_status is not None:
+            self.client.set_tag(self.run_id, "pcpp.status", pcpp_status)
+        if message:
+            self.client.set_tag(self.run_id, "pcpp.message", message[:MAX_TAG_VALUE])
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def start_run(uri: str, experiment: str, artifact_root: Path, *, run_name: str | None = None,
+              parent_run_id: str | None = None, tags: Mapping | None = None) -> Run:
+    """A new run in `experiment` (created, artifacts under `artifact_root`, when it does not exist yet)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    c = client(uri)
+    tags = dict(tags or {})
+    if run_name:
+        tags[MLFLOW_RUN_NAME] = run_name
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    return Run(uri, c.create_run(experiment_id(c, experiment, artifact_root), tags=tags).info.run_id)
+
+
+def log_to_run(ctx, metrics: dict | None = None, files: list[Path] | None = None,
+               params: dict | None = None) -> None:
+    """Metrics, params and files to a stage's MLflow child run (`ctx.run_id` in `ctx.tracking_uri`), if any."""
+    if not (ctx.run_id and ctx.tracking_uri):
+        return
+    run = Run(ctx.tracking_uri, ctx.run_id)
+    run.log_metrics(metrics or {})
+    run.log_params(params or {})
+    run.log_files(files or [])
 
 
 def one_line(error: BaseException) -> str:
@@ -78,14 +166,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def start_training_run(cfg, run_dir: Path, uri: str, parent_run_id: str | None = None, run_name: str | None = None,
                        nested_tags: dict | None = None) -> str:
     """Create (or reuse, on resume) the MLflow run of a training run directory; returns its id."""
-    from mlflow import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-    client = MlflowClient(uri)
-    run_id = reuse_run(client, run_dir)
+    c = client(uri)
+    run_id = reuse_run(c, run_dir)
     if run_id is not None:
         return run_id
-    exp_id = experiment_id(client, cfg.tracking.experiment, Path(cfg.tracking.run_root) / "mlartifacts")
     tags = {MLFLOW_RUN_NAME: run_name or cfg.name, "pcpp.pipeline": cfg.pipeline,
             "pcpp.rule": cfg.algorithm.rule, **(nested_tags or {})}
     if cfg.binarize is not None:
@@ -93,18 +179,16 @@ def start_training_run(cfg, run_dir: Path, uri: str, parent_run_id: str | None =
         tags.update({"pcpp.task": cfg.binarize.task, "pcpp.units": cfg.binarize.units,
                      "pcpp.variant": weight if isinstance(weight, str) else weight.get("name", "?")})
     else:
-        tags.update({"pcpp.task": "FP", "pcpp.variant": "fp"})
-    if parent_run_id:
-        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run_id = client.create_run(exp_id, tags=tags).info.run_id
-    for k, v in flatten(cfg.to_dict()).items():
-        client.log_param(run_id, k[:250], str(v)[:6000])
-    (Path(run_dir) / RUN_ID_FILE).write_text(run_id)
-    _replay_history(client, run_id, Path(run_dir) / "epochs.jsonl")
-    return run_id
+        tags.update({"pcpp.task": tasks.FP, "pcpp.variant": "fp"})
+    run = start_run(uri, cfg.tracking.experiment, Path(cfg.tracking.run_root) / "mlartifacts",
+                    parent_run_id=parent_run_id, tags=tags)
+    run.log_params(flatten(cfg.to_dict()))
+    (Path(run_dir) / RUN_ID_FILE).write_text(run.run_id)
+    _replay_history(run, Path(run_dir) / "epochs.jsonl")
+    return run.run_id
 
 
-def _replay_history(client, run_id: str, history: Path) -> None:
+def _replay_history(run: Run, history: Path) -> None:
     """A new run for a run directory that already trained (its run was deleted) gets the epochs done so far."""
     import json
 
@@ -113,6 +197,4 @@ def _replay_history(client, run_id: str, history: Path) -> None:
     for line in history.read_text().splitlines():
         record = json.loads(line)
         epoch = int(record.pop("epoch"))
-        for k, v in record.items():
-            if isinstance(v, (int, float)):
-                client.log_metric(run_id, k, float(v), step=epoch)
+        run.log_metrics(record, step=epoch)
