@@ -21,8 +21,8 @@ from pcpp.surgery import binarize_
 
 pytestmark = pytest.mark.unit
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-TEACHER = SHARED / "teachers" / "resnet20-cifar10.th"
+# the ResNet-20 teacher shipped with the repository (pipelines/demo_data/README.md)
+TEACHER = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "resnet20-cifar10.th"
 DEIT = dict(img_size=32, patch_size=4, num_classes=10)
 
 

@@ -1,4 +1,4 @@
-"""Model factory: CIFAR ResNet-20 against the shared teacher checkpoint, timm models, checkpoint errors."""
+"""Model factory: CIFAR ResNet-20 against the repository's teacher checkpoint, timm models, checkpoint errors."""
 
 import pickle
 from pathlib import Path
@@ -11,8 +11,8 @@ from pcpp import models
 
 pytestmark = pytest.mark.unit
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-TEACHER = SHARED / "teachers" / "resnet20-cifar10.th"
+# the ResNet-20 teacher shipped with the repository (pipelines/demo_data/README.md)
+TEACHER = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "resnet20-cifar10.th"
 RESNET20_PARAMS = 269_722
 
 
