@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-
 
 def make_image_folder(root: Path, per_class: int, classes: int = 4, seed: int = 0) -> Path:
     """A learnable image set: each class a dominant colour plus noise, saved as real JPEGs."""

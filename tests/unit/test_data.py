@@ -17,9 +17,8 @@ from stages import data
 from stages.hashing import sha256_file
 
 CLASSES = [f"c{i}" for i in range(10)]
-# ../shared beside the repository, as tests/integration/conftest.py finds it: never an absolute path
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-CIFAR_TEST_TAR = SHARED / "data" / "cifar10-jpeg" / "test.tar"
+# the repository's CIFAR-10 JPEG sample: the first 100 test images of each class (pipelines/demo_data)
+CIFAR_TEST_TAR = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data" / "cifar10-test-1000.tar.gz"
 
 
 def _jpeg(rng: np.random.Generator, size: int = 32) -> bytes:
@@ -353,11 +352,6 @@ def test_loader_defaults_from_manifest(shards):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(
-    not CIFAR_TEST_TAR.is_file(),
-    reason=f"needs the CIFAR-10 JPEG test tar at {CIFAR_TEST_TAR} (../shared/data/cifar10-jpeg/test.tar "
-    "beside the repository), which is absent on this machine",
-)
 def test_cifar10_jpeg_slice(tmp_path):
     manifest = data.prepare(CIFAR_TEST_TAR, tmp_path, shard_size=200, limit_per_class=50, progress=False)
     assert manifest["classes"] == [
