@@ -32,9 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pcpp import models  # noqa: E402
 from pcpp import layers as pnn  # noqa: E402
+from pcpp import models, tasks  # noqa: E402
 from pcpp.calibration import calibrate_thresholds_, check_activation_balance  # noqa: E402
+from pcpp.schedules import progress_at  # noqa: E402
 from pcpp.surgery import binarize_  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -84,9 +85,7 @@ def run(placement: str, args, train, test) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     model = models.create("resnet20", pretrained_file=args.teacher)
-    spec = {"weight": args.weight, "activation": args.activation, "activation_placement": placement}
-    if args.task == "BWAA":
-        spec["accumulator_bits"] = 8
+    spec = tasks.spec(args.task, args.weight, args.activation, activation_placement=placement)
     binarize_(model, spec)
     xtr, ytr = train
     order = torch.randperm(len(xtr), generator=gen)
@@ -106,7 +105,7 @@ def run(placement: str, args, train, test) -> dict:
             idx = order[k * args.batch:(k + 1) * args.batch]
             for g in opt.param_groups:
                 g["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * step / total))
-            pnn.set_progress(model, min(step / max(total - 1, 1), 1.0))
+            pnn.set_progress(model, progress_at(step, total))
             loss = F.cross_entropy(model(augment(xtr[idx], gen)), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +123,7 @@ def run(placement: str, args, train, test) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--placements", default="threshold,pre_relu,hardtanh,none")
-    p.add_argument("--task", default="BWA", choices=("BWA", "BWAA"))
+    p.add_argument("--task", default=tasks.BWA, choices=(tasks.BWA, tasks.BWAA))
     p.add_argument("--weight", default="bnn++")
     p.add_argument("--activation", default="bnn++")
     p.add_argument("--epochs", type=int, default=1)

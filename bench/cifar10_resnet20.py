@@ -30,13 +30,13 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
 from cluster.local import ensure_ray, tracking_uri  # noqa: E402
-from pcpp import quantizers  # noqa: E402
+from pcpp import quantizers, tasks  # noqa: E402
 from stages import data as sdata  # noqa: E402
 from stages.config import TrainConfig, build  # noqa: E402
 from stages.engine import fit  # noqa: E402
 
 DEFAULT_SHARED = REPO.parent / "shared"
-TASKS = ("BW", "BWA", "BWAA")
+TASKS = tasks.TASKS
 RULE_VARIANTS = tuple(r for r in quantizers.rule_names() if r != "pc++")  # pq, rpc, ptb
 RULE_TARGET = "bc"  # the binarization target of the update rules (weights, and activations under BWA)
 SHARD_SIZE = 5000
@@ -174,12 +174,7 @@ def binarize_spec(variant: str, task: str, units: str) -> dict | None:
     if variant == "fp":
         return None
     pair = RULE_TARGET if variant in RULE_VARIANTS else variant
-    spec = {"weight": pair, "units": units}
-    if task in ("BWA", "BWAA"):
-        spec["activation"] = pair
-    if task == "BWAA":
-        spec["accumulator_bits"] = 8
-    return spec
+    return tasks.spec(task, pair, units=units)
 
 
 def run_config(args, variant: str, task: str, train_dir: Path, test_dir: Path, teacher: Path,

@@ -18,18 +18,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pcpp import models
+from pcpp import models, tasks
 from pcpp.surgery import binarize_
 
 MODELS = {
     "ResNet-20": ("resnet20", {}),
     "DeiT-T": ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "num_classes": 10}),
 }
-TASKS = {
-    "BW": {"weight": "bnn++"},
-    "BWA": {"weight": "bnn++", "activation": "bnn++"},
-    "BWAA": {"weight": "bnn++", "activation": "bnn++", "accumulator_bits": 8},
-}
+TASKS = {task: tasks.spec(task, "bnn++") for task in tasks.TASKS}  # bnn++ weights (and activations)
 WARMUP = 2
 
 

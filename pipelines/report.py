@@ -18,10 +18,9 @@ import statistics
 from pathlib import Path
 
 from pcpp.quantizers import names as quantizer_names
+from pcpp.tasks import FP as FP_TASK  # runs without binarization: the reference of every column
+from pcpp.tasks import TASKS
 
-TASKS = ("BW", "BWA", "BWAA")
-# Runs without binarization (stages.engine tags them task FP, variant fp): the reference of every column.
-FP_TASK = "FP"
 RULE_ROWS = ("pq", "rpc", "ptb")  # update rules that replace the pair's role: a row of their own
 REPORTED = ("finished", "diverged")  # run states that belong in the table; running / failed runs do not
 _MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "RUNNING": "running", "SCHEDULED": "running",
