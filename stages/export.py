@@ -32,13 +32,13 @@ def run(cfg: ExportConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCon
     from stages.data import eval_loader
 
     model = load_model(inputs["train"])
-    arch_name = model.pcpp_recipe["name"]
+    model_name = model.pcpp_recipe["name"]
     summary = pexport.save(model, out / "model.safetensors")
     (out / "size_summary.txt").write_text(str(summary) + "\n")
 
     # Round trip: the reloaded file must give the binarized-eval model's logits exactly.
     _, test_dir = shard_dirs(inputs["data"])
-    x, _ = next(iter(eval_loader(test_dir, arch_name, batch_size=ROUND_TRIP_BATCH)))
+    x, _ = next(iter(eval_loader(test_dir, model_name, batch_size=ROUND_TRIP_BATCH)))
     with binary_eval(model), torch.no_grad():
         expected = model(x)
     reloaded = pexport.load(out / "model.safetensors")
@@ -50,6 +50,6 @@ def run(cfg: ExportConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCon
     metrics = {"file_bytes": summary.file_bytes, "ideal_bytes": summary.ideal_bytes, "fp32_bytes": summary.fp32_bytes,
                "ratio_to_fp32": summary.ratio, "binary_params": summary.binary_params,
                "fp_params": summary.fp_params, "round_trip_exact": 1.0,
-               "reloaded_acc": accuracy(reloaded, eval_loader(test_dir, arch_name, limit=cfg.eval_limit))}
+               "reloaded_acc": accuracy(reloaded, eval_loader(test_dir, model_name, limit=cfg.eval_limit))}
     log_to_run(ctx, metrics, files=[out / "model.safetensors", out / "model.json", out / "size_summary.txt"])
     return metrics

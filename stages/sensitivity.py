@@ -92,8 +92,8 @@ def run(cfg: SensitivityConfig, inputs: dict[str, Artifact], out: Path, ctx: Sta
     if missing:
         raise ValueError(f"sensitivity needs inputs 'teacher' and 'data'; missing: {', '.join(missing)}")
     template = load_model(inputs["teacher"]).eval()
-    arch = template.pcpp_recipe  # {"name", "kwargs"}: how the teacher was built
-    name, kwargs = arch["name"], dict(arch.get("kwargs") or {})
+    recipe = template.pcpp_recipe  # {"name", "kwargs"}: how the teacher was built
+    name, kwargs = recipe["name"], dict(recipe.get("kwargs") or {})
 
     from stages.data import load_manifest, make_loader
 

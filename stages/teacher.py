@@ -73,14 +73,14 @@ def run(cfg: TeacherConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCo
     from stages.data import eval_loader
 
     m = cfg.model
-    arch = recipe_of(m)  # how to build it: {"name", "kwargs"}
+    recipe = recipe_of(m)  # how to build it: {"name", "kwargs"} (pcpp.models.load)
     _, test_dir = shard_dirs(inputs["data"])
     if cfg.source == "train":
         return _train(cfg, inputs, out, ctx)
     if cfg.source == "timm":
-        model = _from_timm(m.name, arch["kwargs"], cfg.path)
+        model = _from_timm(m.name, recipe["kwargs"], cfg.path)
     else:
-        model = models.create(m.name, **arch["kwargs"])
+        model = models.create(m.name, **recipe["kwargs"])
         if cfg.source == "file":
             models.load_checkpoint(model, resolve(cfg.path))
         else:
@@ -90,7 +90,7 @@ def run(cfg: TeacherConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCo
             models.load_checkpoint(model, tmp)
             tmp.unlink()
     acc = accuracy(model, eval_loader(test_dir, m.name, limit=cfg.eval_limit))
-    save_model(out, model, arch)
+    save_model(out, model, recipe)
     metrics = {"accuracy": acc}
     log_to_run(ctx, metrics, params={"teacher.source": cfg.source, "teacher.path": cfg.path, "teacher.uri": cfg.uri})
     return metrics
