@@ -79,16 +79,10 @@ def run(cfg: TeacherConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCo
         return _train(cfg, inputs, out, ctx)
     if cfg.source == "timm":
         model = _from_timm(m.name, recipe["kwargs"], cfg.path)
+    elif cfg.source == "file":
+        model = models.load(recipe, weights=resolve(cfg.path))
     else:
-        model = models.create(m.name, **recipe["kwargs"])
-        if cfg.source == "file":
-            models.load_checkpoint(model, resolve(cfg.path))
-        else:
-            state = _from_mlflow(cfg.uri, ctx.tracking_uri)
-            tmp = out / "mlflow_state.pt"
-            torch.save(state, tmp)
-            models.load_checkpoint(model, tmp)
-            tmp.unlink()
+        model = models.load(recipe, weights=_from_mlflow(cfg.uri, ctx.tracking_uri))
     acc = accuracy(model, eval_loader(test_dir, m.name, limit=cfg.eval_limit))
     save_model(out, model, recipe)
     metrics = {"accuracy": acc}

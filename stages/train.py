@@ -46,13 +46,8 @@ def run_engine(cfg: TrainConfig, ctx: StageContext, *, stage: str):
     if not result.ok:
         raise StageFailed(f"{stage}: {result.message} (checkpoints kept in {run_dir})")
     from pcpp import models
-    from pcpp.surgery import binarize_
 
-    model = models.create(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.kwargs)
-    if cfg.binarize is not None:
-        binarize_(model, cfg.binarize)
-    models.load_checkpoint(model, Path(run_dir) / "final" / "model.pt")
-    return result, model
+    return result, models.load(recipe_of(cfg.model), cfg.binarize, weights=Path(run_dir) / "final" / "model.pt")
 
 
 def run_pretrain(cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
