@@ -30,14 +30,14 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
 from cluster.local import ensure_ray, tracking_uri  # noqa: E402
-from pcpp import quantizers, tasks  # noqa: E402
+from pcpp import quantizers, rules, tasks  # noqa: E402
 from stages import data as sdata  # noqa: E402
 from stages.config import TrainConfig, build  # noqa: E402
 from stages.engine import fit  # noqa: E402
 
 DEFAULT_SHARED = REPO.parent / "shared"
 TASKS = tasks.TASKS
-RULE_VARIANTS = tuple(r for r in quantizers.rule_names() if r != "pc++")  # pq, rpc, ptb
+RULE_VARIANTS = tuple(r for r in rules.rule_names() if r != "pc++")  # pq, rpc, ptb
 RULE_TARGET = "bc"  # the binarization target of the update rules (weights, and activations under BWA)
 SHARD_SIZE = 5000
 

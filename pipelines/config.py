@@ -102,7 +102,7 @@ class TrainSection:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
-        from pcpp.quantizers import get_rule
+        from pcpp.rules import get_rule
 
         if self.pipeline not in PIPELINES:
             raise ValueError(f"unknown train.pipeline {self.pipeline!r}; valid: {', '.join(PIPELINES)}")

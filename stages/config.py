@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcpp.quantizers import rule_names
+from pcpp.rules import rule_names
 from pcpp.surgery import BinarizeSpec
 from stages.schema import (  # noqa: F401  (re-exported: the pipeline and sweep configs use them)
     DEEPSPEED,
