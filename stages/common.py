@@ -1,4 +1,8 @@
-"""Helpers the pipeline stages share: model files, evaluation on shards, MLflow logging of a stage."""
+"""Helpers the pipeline stages share: a stage's model files, evaluation on shards, MLflow logging of a stage.
+
+A model artifact holds model.pt (the state dict), recipe.json (how to build the architecture: the
+`recipe` of pcpp.models.load) and, for a binarized model, binarize.json (the spec binarize_ applies).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from pcpp import models
-from pcpp.surgery import binarize_
-from stages.artifact import Artifact, StageContext
+from pcpp import evaluation, models
+from stages.artifact import Artifact
+from stages.tracking import log_to_run  # noqa: F401  (kept importable here: the stages import it from this module)
 
 
 def save_model(out: Path, model: torch.nn.Module, recipe: dict, binarize: dict | None = None) -> None:
@@ -21,17 +25,18 @@ def save_model(out: Path, model: torch.nn.Module, recipe: dict, binarize: dict |
 
 
 def recipe_of(model_cfg) -> dict:
+    """The recipe (pcpp.models.load) of a config's model section: {"name", "kwargs" with num_classes}."""
     return {"name": model_cfg.name, "kwargs": {**model_cfg.kwargs, "num_classes": model_cfg.num_classes}}
 
 
 def load_model(artifact: Artifact) -> torch.nn.Module:
-    """Rebuild the model an artifact stores (binarized when it carries binarize.json)."""
+    """Rebuild the model an artifact stores (binarized when it carries binarize.json), via pcpp.models.load.
+
+    Raises ValueError when the weights do not fit the recipe and spec, KeyError for a missing file."""
     recipe = json.loads(artifact.file("recipe.json").read_text())
-    model = models.create(recipe["name"], **recipe.get("kwargs", {}))
-    if "binarize.json" in artifact.manifest["files"]:
-        binarize_(model, json.loads(artifact.file("binarize.json").read_text()))
-    models.load_checkpoint(model, artifact.file("model.pt"))
-    return model
+    spec = json.loads(artifact.file("binarize.json").read_text()) if "binarize.json" in artifact.manifest["files"] \
+        else None
+    return models.load(recipe, spec, weights=artifact.file("model.pt"))
 
 
 def shard_dirs(data: Artifact) -> tuple[Path, Path]:
@@ -40,29 +45,14 @@ def shard_dirs(data: Artifact) -> tuple[Path, Path]:
 
 def accuracy(model: torch.nn.Module, shard_dir: Path, model_name: str, *, limit: int | None = None,
              batch_size: int = 256, honest: bool = True) -> float:
-    """Top-1 accuracy on a shard directory (the honest binarized network for binarized models)."""
+    """Top-1 accuracy in [0, 1] on a shard directory (the honest binarized network for binarized models).
+
+    A loader wrapper: the shards' first `limit` samples (all by default), normalised as the model
+    `model_name` expects, scored by pcpp.evaluation.accuracy (ValueError when there is nothing to score).
+    """
     from stages.data import make_loader
-    from stages.engine import evaluate
 
     norm = models.normalization(model_name)
     loader = make_loader(shard_dir, train=False, batch_size=batch_size, epoch_length=limit,
                          mean=norm.mean, std=norm.std)
-    correct, total = evaluate(model, loader, next(model.parameters()).device, honest=honest)
-    return correct / max(total, 1)
-
-
-def log_to_run(ctx: StageContext, metrics: dict | None = None, files: list[Path] | None = None,
-               params: dict | None = None) -> None:
-    """Metrics, params and files to the stage's MLflow child run (when tracking is on)."""
-    if not (ctx.run_id and ctx.tracking_uri):
-        return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(ctx.tracking_uri)
-    for k, v in (metrics or {}).items():
-        if isinstance(v, (int, float)):
-            client.log_metric(ctx.run_id, k, float(v))
-    for k, v in (params or {}).items():
-        client.log_param(ctx.run_id, k[:250], str(v)[:6000])
-    for f in files or []:
-        client.log_artifact(ctx.run_id, str(f))
+    return evaluation.accuracy(model, loader, honest=honest)

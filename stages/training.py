@@ -1,0 +1,399 @@
+"""One worker's share of a training run, in the shape of a torchtune recipe: setup, train_epoch, evaluate,
+save_checkpoint, cleanup (`TrainingRun`; `TrainingRun.run` drives them).
+
+Used by binarized pre-training, FT, E2E and the Tune sweeps alike, inside a Ray Train worker
+(stages.engine.train_worker) or, for tests, in any process with torch.distributed initialised.
+Per step: the schedules move to progress = step / (total steps - 1) (pcpp.schedules.progress_at), the
+learning rate follows pcpp.schedules.learning_rate, the update rule's hooks run around DeepSpeed's step
+through their interface (pcpp.rules.RuleOptimizer: before_step / after_step, then finalize once), never by
+the rule's name. Per epoch: honest binarized evaluation (pcpp.evaluation), metrics to MLflow (rank 0,
+stages.tracking), a DeepSpeed checkpoint under the run directory. A non-finite loss or weight ends the
+run with status `diverged` and a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cluster.local import deepspeed_file, resolve
+from pcpp import layers, models
+from pcpp.calibration import BalanceReport, prepare_activations_
+from pcpp.distill import kd_loss
+from pcpp.evaluation import evaluate
+from pcpp.quantizers import Quantizer
+from pcpp.rules import RuleOptimizer, UpdateRule, get_rule
+from pcpp.schedules import learning_rate, progress_at
+from stages.config import TrainConfig
+from stages.preflight import CHECKPOINTS
+from stages.tracking import Run
+
+RESULT = "result.json"
+HISTORY = "epochs.jsonl"
+# What every epoch reports (to MLflow, epochs.jsonl and Ray Train / Tune), besides the schedule values
+# (w_mu, a_mu, rule_rho, ...) and `epoch`: the metrics a sweep may optimise.
+EPOCH_METRICS = ("loss", "lr", "train_forward_acc", "binary_acc", "forward_acc", "forward_binary_gap",
+                 "soft_fraction", "flip_ratio", "overflow_rate", "epoch_time_s", "images_per_s")
+CALIBRATION_BATCHES = 4  # training batches the activation thresholds are calibrated on (BWA / BWAA)
+EVAL_BATCH = 256
+
+
+# -- what a run starts from ------------------------------------------------------------------------------
+def from_teacher(cfg: TrainConfig) -> bool:
+    """Fine-tuning: the student starts from the teacher's full-precision weights (else random init)."""
+    return cfg.pipeline == "ft"
+
+
+def student_checkpoint(cfg: TrainConfig) -> str | None:
+    """A binarized student's checkpoint to start from (after binarized pre-training), if any."""
+    return cfg.init
+
+
+def model_recipe(cfg: TrainConfig) -> dict:
+    """How to build the architecture (pcpp.models.load): {"name", "kwargs" with num_classes}."""
+    return {"name": cfg.model.name, "kwargs": {**cfg.model.kwargs, "num_classes": cfg.model.num_classes}}
+
+
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, UpdateRule]:
+    """The student and its update rule: teacher weights (FT) or random, binarized, then the student's own
+    checkpoint if one is given; the forward sees w* itself when the rule trains it (`training_quantizer`)."""
+    student = student_checkpoint(cfg)
+    model = models.load(model_recipe(cfg), cfg.binarize, weights=resolve(student) if student else None,
+                        pretrained=resolve(cfg.teacher) if from_teacher(cfg) else None)
+    rule = get_rule(cfg.algorithm.rule, **cfg.algorithm.params)
+    if rule.training_quantizer == "fp":
+        layers.set_latent_forward(model, True)
+    return model, rule
+
+
+def build_teacher(cfg: TrainConfig) -> torch.nn.Module:
+    """The full-precision teacher for distillation, frozen, in eval mode."""
+    return models.load(model_recipe(cfg), weights=resolve(cfg.teacher)).eval().requires_grad_(False)
+
+
+def prepare_activations(model, cfg: TrainConfig, loader) -> BalanceReport | None:
+    """BWA / BWAA, before training: calibrate the activation thresholds, then run the balance guard.
+
+    Thresholds are calibrated at the per-channel median (pcpp.calibration) when fine-tuning from the teacher
+    (no binarized init): an E2E run keeps beta = 0, a pre-trained student keeps its own, a resumed run gets
+    its trained ones back from the checkpoint afterwards. The guard checks the first batch and refuses
+    (activation_guard: error, ValueError naming the layers) or reports (warn) a layer whose inputs fall
+    >= 99% on one side. The loader is seeded per epoch (set_epoch), so reading a few batches here does not
+    change the training order. Returns None for BW and full precision.
+    """
+    spec = cfg.binarize
+    if spec is None or spec.activation is None:
+        return None
+    batches = list(islice(iter(loader), CALIBRATION_BATCHES))
+    calibrate = from_teacher(cfg) and not student_checkpoint(cfg)
+    return prepare_activations_(model, batches, calibrate=calibrate, strict=spec.activation_guard == "error")
+
+
+def activation_placement(model) -> str | None:
+    """The placement the binarized activations resolved to ('auto' becomes hardtanh or threshold)."""
+    for _, layer in layers.binary_layers(model):
+        if layer.act_quantizer is not None:
+            return layer.activation_placement
+    return None
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config of the run: the preset or file, with the batch split over `world_size` workers.
+
+    Raises FileNotFoundError for a missing file, ValueError when the batch does not split evenly."""
+    path = deepspeed_file(cfg.distributed.deepspeed)
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (distributed.deepspeed)")
+    ds = json.loads(path.read_text())
+    ds.pop("comment", None)
+    if cfg.data.batch_size % world_size:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {world_size} workers")
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size // world_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg.data.batch_size
+    if cfg.distributed.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.distributed.zero_stage
+    return ds
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, progress: float) -> float:
+    return learning_rate(cfg.optim.lr, progress, cfg.optim.lr_schedule)
+
+
+def sync_masters(engine) -> None:
+    """After a rule edited the parameters in place, copy them into DeepSpeed's fp32 master partitions."""
+    opt = getattr(engine, "optimizer", None)
+    if hasattr(opt, "refresh_fp32_params"):
+        opt.refresh_fp32_params()
+
+
+def schedule_values(model: torch.nn.Module, rule: UpdateRule, progress: float) -> dict:
+    """mu / rho / t / k of the first binarized layer's pairs and of the rule, for logging."""
+    out = {}
+    for _, layer in layers.binary_layers(model):
+        for prefix, q in (("w", layer.weight_quantizer), ("a", layer.act_quantizer)):
+            if isinstance(q, Quantizer):
+                out.update({f"{prefix}_{k}": v for k, v in q.params.items()})
+        break
+    out.update({f"rule_{k}": v for k, v in rule.values(progress).items()})
+    return out
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """The sums over all ranks (the values themselves without torch.distributed)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def epochs_done(run_dir: Path) -> int:
+    f = Path(run_dir) / HISTORY
+    return sum(1 for _ in f.open()) if f.exists() else 0
+
+
+def record_balance(balance: BalanceReport, placement: str | None, run_dir: Path, run: Run | None) -> None:
+    """The guard's table beside the run and in MLflow (tag pcpp.activation_placement; a warning tag when the
+    guard, set to warn, found one-sided layers)."""
+    text = f"activation_placement: {placement}\n{balance}\n"
+    (run_dir / "activation_balance.txt").write_text(text)
+    if balance.refused:
+        print(f"warning: {balance.error()}", flush=True)
+    if run is None:
+        return
+    run.set_tags({"pcpp.activation_placement": str(placement)})
+    run.log_text(text, "activation_balance.txt")
+    run.log_metrics({"act_below_min": min(r.below for r in balance.rows),
+                     "act_below_max": max(r.below for r in balance.rows)}, step=0)
+    if balance.refused:
+        run.set_tags({"pcpp.activation_guard": f"warn: {len(balance.refused)} one-sided layers: "
+                      + ", ".join(r.name for r in balance.refused)[:4000]})
+
+
+@dataclass
+class EpochStats:
+    """What one pass over the training data measured on this rank (summed over ranks by train_epoch)."""
+
+    loss_sum: float
+    correct: float
+    seen: float
+    elapsed: float
+
+
+# -- the recipe ----------------------------------------------------------------------------------------------
+class TrainingRun:
+    """One worker (rank `rank` of `world_size`) of a training run whose files live in `run_dir`.
+
+    `report(metrics)` receives each epoch's metrics (Ray Train's `ray.train.report` in a worker); `run`, when
+    given, is the MLflow run rank 0 logs to (stages.tracking.Run). Resumes from the run directory's last
+    DeepSpeed checkpoint. torch.distributed must be initialised (Ray Train does it in its workers).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, rank: int = 0, world_size: int = 1,
+                 run: Run | None = None, report: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world = rank, world_size
+        self.tracker = run if rank == 0 else None
+        self.report = report or (lambda metrics: None)
+        self.status, self.message = "finished", ""
+        self.metrics: dict = {}
+        self.start_epoch = self.step = 0
+        self.progress = 0.0
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Loaders, model, activation calibration, teacher, optimizer, DeepSpeed, rule hooks, resume."""
+        import deepspeed
+
+        from stages.data import make_loader
+
+        cfg, rank, world = self.cfg, self.rank, self.world
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
+        norm = models.normalization(cfg.model.name)  # the model's (teacher's) input statistics
+        per_rank = None if cfg.data.epoch_length is None else cfg.data.epoch_length // world
+        self.train_loader = make_loader(
+            resolve(cfg.data.train), train=True, batch_size=cfg.data.batch_size // world, seed=cfg.seed, rank=rank,
+            world_size=world, num_workers=cfg.data.num_workers, epoch_length=per_rank, mean=norm.mean, std=norm.std)
+        eval_per_rank = None if cfg.data.eval_limit is None else cfg.data.eval_limit // world
+        self.test_loader = make_loader(
+            resolve(cfg.data.test), train=False, batch_size=EVAL_BATCH, seed=cfg.seed, rank=rank, world_size=world,
+            num_workers=cfg.data.num_workers, epoch_length=eval_per_rank, mean=norm.mean, std=norm.std)
+        model, rule = build_model(cfg)
+        balance = prepare_activations(model, cfg, self.train_loader)
+        self.teacher = build_teacher(cfg) if cfg.distill.enabled else None
+        optimizer = make_optimizer(cfg, model)
+        # DeepSpeed gets the plain optimizer: under ZeRO it steps flat fp32 partitions, not the layers' tensors,
+        # so the rule's hooks run around its step on the model's parameters (then sync its master copies).
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=deepspeed_config(cfg, world), dist_init_required=False)
+        self.module = self.engine.module
+        self.device = self.engine.device
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self.rules = RuleOptimizer(optimizer, rule, layers.binarized_params(self.module),
+                                   layers.scale_of(self.module), sync=lambda: sync_masters(self.engine))
+        self.total_steps = len(self.train_loader) * cfg.optim.epochs
+        if (self.checkpoints / "latest").exists():
+            _, state = self.engine.load_checkpoint(str(self.checkpoints))
+            self.start_epoch, self.step = state["epoch"], state["step"]
+        if balance is not None and rank == 0:
+            record_balance(balance, activation_placement(self.module), self.run_dir, self.tracker)
+        history = self.run_dir / HISTORY
+        # A rerun of a finished (or interrupted) run reports the metrics of its last completed epoch.
+        if history.exists() and self.start_epoch:
+            self.metrics = json.loads(history.read_text().splitlines()[-1])
+            self.metrics.pop("epoch", None)
+        self.progress = progress_at(self.step, self.total_steps)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / CHECKPOINTS
+
+    # -- one epoch ---------------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, or the distillation loss against the teacher's logits (pcpp.distill)."""
+        if self.teacher is None:
+            return F.cross_entropy(logits, y)
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        d = self.cfg.distill
+        return kd_loss(logits, t_logits, temperature=d.temperature, alpha=d.alpha, targets=y if d.alpha < 1 else None)
+
+    def train_epoch(self, epoch: int) -> EpochStats | None:
+        """One pass over the training data; None (status diverged, with a message) on a non-finite loss."""
+        self.train_loader.set_epoch(epoch)
+        for _, m in layers.binary_layers(self.module):
+            m.reset_overflow()
+        t0 = time.time()
+        loss_sum = correct = seen = 0.0
+        for x, y in self.train_loader:
+            self.progress = progress_at(self.step, self.total_steps)  # the last step runs at the schedules' end
+            layers.set_progress(self.module, self.progress)
+            self.rules.set_progress(self.progress)
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr_at(self.cfg, self.progress)
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self.engine(x)
+            loss = self.loss(logits, x, y)
+            if all_sum([0.0 if torch.isfinite(loss) else 1.0], self.device)[0]:
+                self.status = "diverged"
+                self.message = (f"diverged: non-finite loss at epoch {epoch + 1}, step {self.step} "
+                                f"(lr {lr_at(self.cfg, self.progress):.3g})")
+                return None
+            self.engine.backward(loss)
+            self.rules.before_step()
+            self.engine.step()
+            self.rules.after_step()
+            self.step += 1
+            loss_sum += float(loss.detach()) * y.numel()
+            correct += float((logits.detach().argmax(1) == y).sum())
+            seen += y.numel()
+        return EpochStats(loss_sum, correct, seen, time.time() - t0)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """binary_acc (the honest binarized network, pcpp.evaluation) and forward_acc (the training forward)
+        on the test loader, summed over ranks, and their gap."""
+        b_correct, b_total = evaluate(self.module, self.test_loader, self.device, honest=True)
+        f_correct, f_total = evaluate(self.module, self.test_loader, self.device, honest=False)
+        b_correct, b_total, f_correct, f_total = all_sum([b_correct, b_total, f_correct, f_total], self.device)
+        return {"binary_acc": b_correct / max(b_total, 1), "forward_acc": f_correct / max(f_total, 1)}
+
+    def epoch_metrics(self, stats: EpochStats, signs_before: dict) -> dict:
+        loss_sum, correct, seen = all_sum([stats.loss_sum, stats.correct, stats.seen], self.device)
+        scores = self.evaluate()
+        m = self.module
+        metrics = {
+            "loss": loss_sum / max(seen, 1),
+            "lr": lr_at(self.cfg, self.progress),
+            "train_forward_acc": correct / max(seen, 1),
+            **scores,
+            "soft_fraction": layers.soft_fraction(m),
+            "flip_ratio": layers.flip_ratio(signs_before, layers.binary_signs(m)),
+            "overflow_rate": layers.mean_overflow_rate(m),
+            "epoch_time_s": stats.elapsed,
+            "images_per_s": seen / max(stats.elapsed, 1e-9),
+            **schedule_values(m, self.rules.rule, self.progress),
+        }
+        metrics["forward_binary_gap"] = metrics["forward_acc"] - metrics["binary_acc"]
+        return metrics
+
+    # -- checkpoints and logs ----------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int) -> None:
+        """The DeepSpeed checkpoint of a completed epoch (every rank its shard), resumable by `setup`."""
+        self.engine.save_checkpoint(str(self.checkpoints), tag=f"epoch-{epoch + 1:04d}",
+                                    client_state={"epoch": epoch + 1, "step": self.step})
+
+    def log_epoch(self, epoch: int, metrics: dict) -> None:
+        if self.rank == 0:
+            if self.tracker is not None:
+                self.tracker.log_metrics(metrics, step=epoch + 1)
+            with (self.run_dir / HISTORY).open("a") as f:
+                f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
+        self.report({"epoch": epoch + 1, **metrics})
+
+    def weights_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.module.parameters())
+
+    # -- the loop and the end ----------------------------------------------------------------------------
+    def train(self, fail_after_epoch: int | None = None) -> None:
+        """The epochs left; `fail_after_epoch` raises after checkpointing that epoch (tests of resume)."""
+        epochs = self.cfg.optim.epochs
+        for epoch in range(self.start_epoch, epochs):
+            signs_before = layers.binary_signs(self.module)
+            stats = self.train_epoch(epoch)
+            if stats is not None and not self.weights_finite():
+                self.status, self.message = "diverged", f"diverged: non-finite weights after epoch {epoch + 1}"
+            if self.status == "diverged":
+                return
+            if epoch == epochs - 1:  # ptb binarizes here, rpc applies its final map
+                self.rules.finalize()
+            self.metrics = self.epoch_metrics(stats, signs_before)
+            self.save_checkpoint(epoch)
+            self.log_epoch(epoch, self.metrics)
+            if fail_after_epoch == epoch + 1:
+                raise RuntimeError(f"injected failure after epoch {epoch + 1}")
+
+    def cleanup(self) -> None:
+        """Rank 0 writes the final weights (when finished) and result.json; a diverged run reports every epoch
+        metric as NaN, so that a Tune scheduler watching one of them accepts it."""
+        if self.rank == 0:
+            final = self.run_dir / "final"
+            final.mkdir(parents=True, exist_ok=True)
+            if self.status == "finished":
+                torch.save(self.module.state_dict(), final / "model.pt")
+            (self.run_dir / RESULT).write_text(json.dumps({
+                "status": self.status, "message": self.message, "metrics": self.metrics,
+                "epochs_done": epochs_done(self.run_dir)}))
+        if self.status == "diverged":
+            self.report({"epoch": epochs_done(self.run_dir) + 1, **{k: math.nan for k in EPOCH_METRICS},
+                         "diverged": 1.0})
+
+    def run(self, fail_after_epoch: int | None = None) -> str:
+        """setup, train, cleanup; returns the status (finished or diverged)."""
+        self.setup()
+        self.train(fail_after_epoch)
+        self.cleanup()
+        return self.status
