@@ -152,7 +152,13 @@ def manifest_path(path: str | Path) -> Path:
 
 
 def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> SizeSummary:
-    """Export `model` to `path` (.safetensors) and `path.json`; returns the size summary."""
+    """Export `model` to `path` (.safetensors) and `path.json`; returns the size summary (bytes).
+
+    The manifest records the recipe (`recipe`, else `model.pcpp_recipe` from pcpp.models.create), the
+    binarize_ specs the model went through, each binarized layer's settings and the tensor layout.
+    Raises ValueError without a recipe, without a binarized layer, or for a layer whose weight pair has
+    no binary honest value (fp).
+    """
     path = Path(path)
     recipe = recipe or getattr(model, "pcpp_recipe", None)
     if recipe is None:

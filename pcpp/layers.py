@@ -1,4 +1,6 @@
-"""Binarized layers: BinaryConv2d and BinaryLinear (BW, BWA, BWAA of the paper's section 4).
+"""Binarized layers: BinaryConv2d and BinaryLinear (BW, BWA, BWAA of the paper's section 4; pcpp.tasks).
+
+Formerly pcpp.nn (a name that shadowed torch.nn; pcpp.nn still re-exports this module for one release).
 
 They subclass nn.Conv2d / nn.Linear and keep the parameter names, so full-precision state dicts load
 as-is; the latent weight w* is `self.weight` and is transformed inside `forward` (timm's StdConv2d way).
@@ -315,6 +317,7 @@ BINARY_TYPES = {nn.Conv2d: BinaryConv2d, nn.Linear: BinaryLinear}
 
 
 def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryMixin]]:
+    """(qualified name, layer) of every binarized layer of `model`, in module order."""
     for name, m in model.named_modules():
         if isinstance(m, BinaryMixin):
             yield name, m
@@ -350,7 +353,8 @@ def binary_eval(model: nn.Module):
 
 
 def set_progress(model: nn.Module, progress: float) -> None:
-    """Move every quantizer's schedules in the model to `progress` in [0, 1]."""
+    """Move every quantizer's schedules in the model to `progress` in [0, 1] (pcpp.schedules.progress_at);
+    ValueError outside."""
     for m in model.modules():
         if isinstance(m, Quantizer):
             m.set_progress(progress)
@@ -363,6 +367,8 @@ def set_latent_forward(model: nn.Module, enabled: bool) -> None:
 
 
 def overflow_rates(model: nn.Module, reset: bool = False) -> dict[str, float]:
+    """BWAA: per layer with an accumulator, the share in [0, 1] of its dot products that wrapped since the
+    last reset (reset=True starts the count again)."""
     out = {}
     for name, m in binary_layers(model):
         if m.accumulator_bits is not None:
@@ -373,6 +379,7 @@ def overflow_rates(model: nn.Module, reset: bool = False) -> dict[str, float]:
 
 
 def mean_overflow_rate(model: nn.Module) -> float:
+    """The share in [0, 1] of all accumulator values that wrapped, over every BWAA layer (0 without one)."""
     n = sum(float(m.accumulator_count) for _, m in binary_layers(model))
     o = sum(float(m.overflow_count) for _, m in binary_layers(model))
     return o / n if n else 0.0
@@ -394,18 +401,22 @@ def binary_signs(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def flip_ratio(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """The share in [0, 1] of binarized weights whose sign differs between two `binary_signs` records."""
     total = sum(v.numel() for v in before.values())
     flips = sum(int((before[k] != after[k]).sum()) for k in before)
     return flips / total if total else 0.0
 
 
 def binarized_params(model: nn.Module) -> list[nn.Parameter]:
-    """The latent weights the update rules act on."""
+    """The latent weights w* of the binarized layers (each of its layer's weight shape): what the update
+    rules act on (pcpp.rules, paper section 2)."""
     return [m.weight for _, m in binary_layers(model)]
 
 
 def scale_of(model: nn.Module):
-    """`scale_of(p)` for the update rules: the scale of the layer that owns latent weight p."""
+    """`scale_of(p)` for the update rules: the scale s of the layer that owns latent weight p (a detached
+    tensor broadcastable to p: a scalar, or (C_out, 1, ...) with channel scaling), 1.0 in raw units.
+    KeyError for a tensor that is not a binarized layer's weight."""
     owners = {id(m.weight): m for _, m in binary_layers(model)}
 
     def scale(p):
