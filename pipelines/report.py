@@ -52,9 +52,9 @@ def collect(tracking_uri: str, experiment: str = "pcpp", metric: str = "binary_a
     by step, None if never logged), start_time. `filter_tags` keeps runs whose tags equal the given values,
     e.g. {"pcpp.pipeline": "ft", "pcpp.units": "scaled"}. Rows come in order of start time.
     """
-    from mlflow import MlflowClient
+    from stages.tracking import client as mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from cluster.local import check_resources, ensure_ray, tracking_uri
 from pipelines.config import PipelineConfig
-from stages import registry
+from stages import registry, tracking
 from stages.artifact import Artifact, StageContext, cached, commit, stage_key
 from stages.config import absolute
-from stages.tracking import experiment_id, one_line
+from stages.tracking import one_line
 
 
 @dataclass
@@ -47,31 +47,20 @@ def plan(pc: PipelineConfig) -> list[StagePlan]:
 def _child_run(ctx: StageContext, stage: str, key: str, cached_hit: bool) -> str | None:
     if not ctx.tracking_uri or not ctx.parent_run_id:
         return None
-    from mlflow import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    client = MlflowClient(ctx.tracking_uri)
-    exp_id = client.get_run(ctx.parent_run_id).info.experiment_id
-    run = client.create_run(exp_id, tags={MLFLOW_PARENT_RUN_ID: ctx.parent_run_id, MLFLOW_RUN_NAME: stage,
-                                          "pcpp.stage": stage, "pcpp.stage_key": key,
-                                          "pcpp.cached": str(cached_hit).lower()})
-    return run.info.run_id
+    run = tracking.start_run(ctx.tracking_uri, ctx.experiment, Path(ctx.root) / "mlartifacts", run_name=stage,
+                             parent_run_id=ctx.parent_run_id,
+                             tags={"pcpp.stage": stage, "pcpp.stage_key": key, "pcpp.cached": str(cached_hit).lower()})
+    return run.run_id
 
 
 def _end_child(ctx: StageContext, status: str, artifact: Artifact | None = None, message: str = "") -> None:
     if not ctx.run_id:
         return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(ctx.tracking_uri)
+    run = tracking.Run(ctx.tracking_uri, ctx.run_id)
     if artifact is not None:
-        client.set_tag(ctx.run_id, "pcpp.artifact", str(artifact.path))
-        for k, v in artifact.metrics.items():
-            if isinstance(v, (int, float)):
-                client.log_metric(ctx.run_id, k, float(v))
-    if message:
-        client.set_tag(ctx.run_id, "pcpp.message", message[:5000])
-    client.set_terminated(ctx.run_id, status=status)
+        run.set_tags({"pcpp.artifact": str(artifact.path)})
+        run.log_metrics(artifact.metrics)
+    run.finish(status, message)
 
 
 def execute_stage(name: str, config, ctx: StageContext, dep_names: list[str], *deps) -> tuple[Artifact, dict]:
@@ -201,35 +190,24 @@ def _one_line(e: BaseException) -> str:
 
 
 def _parent_run(pc: PipelineConfig, uri: str, root: Path) -> str:
-    from mlflow import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, pc.tracking.experiment, root / "mlartifacts")
-    run = client.create_run(exp_id, tags={MLFLOW_RUN_NAME: pc.name, "pcpp.kind": "pipeline",
-                                          "pcpp.config_digest": pc.digest()})
+    run = tracking.start_run(uri, pc.tracking.experiment, root / "mlartifacts", run_name=pc.name,
+                             tags={"pcpp.kind": "pipeline", "pcpp.config_digest": pc.digest()})
     cfg_file = root / f"pipeline-{pc.digest()}.yaml"
     cfg_file.write_text(pc.to_yaml())
-    client.log_artifact(run.info.run_id, str(cfg_file))
-    return run.info.run_id
+    run.log_files([cfg_file])
+    return run.run_id
 
 
 def _finish_parent(uri, run_id, status, message, info=None, artifacts=None):
     if not run_id:
         return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
+    run = tracking.Run(uri, run_id)
     for i in info or []:
-        client.log_metric(run_id, f"{i['stage']}.seconds", i["seconds"])
-        client.set_tag(run_id, f"pcpp.{i['stage']}.cached", str(i["cached"]).lower())
+        run.log_metrics({f"{i['stage']}.seconds": i["seconds"]})
+        run.set_tags({f"pcpp.{i['stage']}.cached": str(i["cached"]).lower()})
     for name, a in (artifacts or {}).items():
-        for k, v in a.metrics.items():
-            if isinstance(v, (int, float)):
-                client.log_metric(run_id, f"{name}.{k}", float(v))
-    if message:
-        client.set_tag(run_id, "pcpp.message", message[:5000])
-    client.set_terminated(run_id, status=status)
+        run.log_metrics({f"{name}.{k}": v for k, v in a.metrics.items()})
+    run.finish(status, message)
 
 
 def summary(pc: PipelineConfig, result: PipelineResult) -> str:

@@ -24,9 +24,10 @@ import yaml
 from cluster.local import check_resources, ensure_ray
 from pipelines.config import PipelineConfig, load_pipeline
 from pipelines.runner import run as run_pipeline
+from stages import tracking
 from stages.config import PATH, ConfigError, absolute, apply_overrides, build, read_yaml
 from stages.engine import EPOCH_METRICS
-from stages.tracking import experiment_id, one_line
+from stages.tracking import one_line
 
 SEARCHABLE = ("mu0", "muT", "rho0", "rhoT", "lr")
 TRIAL_CPU = 0.1  # the Tune trial itself only drives its Train workers, which hold the CPUs
@@ -188,9 +189,6 @@ class SweepFailed(RuntimeError):
 
 def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
     """Run the sweep; whatever fails, no MLflow run of it is left RUNNING."""
-    from mlflow import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
     base = absolute(base)
     base.check_files()
     ensure_ray()
@@ -198,19 +196,19 @@ def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
     prefix = run_pipeline(base, only=["teacher"])  # data and teacher once, through the pipeline's cache
     root = base.root_path
     uri = prefix.tracking_uri
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, base.tracking.experiment, root / "mlartifacts")
+    client = tracking.client(uri)
     name = f"{base.name}-sweep-{base.digest()[:8]}"
-    parent = client.create_run(exp_id, tags={MLFLOW_RUN_NAME: name, "pcpp.kind": "sweep"}).info.run_id
+    run = tracking.start_run(uri, base.tracking.experiment, root / "mlartifacts", run_name=name,
+                             tags={"pcpp.kind": "sweep"})
+    parent = run.run_id
     try:
         result = _run_trials(cfg, base, client, uri, parent, name, prefix)
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         _close_leftovers(client, parent, "KILLED" if interrupted else "FAILED", one_line(e))
-        client.set_tag(parent, "pcpp.message", one_line(e)[:5000])
-        client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
+        run.finish("KILLED" if interrupted else "FAILED", one_line(e))
         raise
-    client.set_terminated(parent, "FINISHED")
+    run.finish("FINISHED")
     return result
 
 

@@ -72,10 +72,11 @@ def _metric_key(name: str) -> str:
 
 
 def _log_mlflow(ctx: StageContext, files: list[Path], rows: list[dict]) -> None:
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    client = MlflowClient(ctx.tracking_uri)
+    from stages.tracking import client as mlflow_client
+
+    client = mlflow_client(ctx.tracking_uri)
     for f in files:
         client.log_artifact(ctx.run_id, str(f))
     now = int(time.time() * 1000)
