@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import cluster  # noqa: F401  (first: keeps Ray on 127.0.0.1 unless RAY_ADDRESS names a cluster)
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A renamed config key is still read, with a DeprecationWarning naming the new one (stages.schema.renamed):
+    # shown to the user of the command, which Python's default filters would hide.
+    warnings.filterwarnings("default", message="config key .* is deprecated", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
