@@ -219,8 +219,8 @@ def teacher() -> nn.Module:
     return models.create("resnet20", pretrained_file=TEACHER)
 
 
-@pytest.mark.parametrize("task, chosen", [("BWA", None), ("BWAA", None), ("BWA", "threshold"), ("BWAA", "threshold"),
-                                          ("BWA", "pre_relu")])
+@pytest.mark.parametrize("task, chosen", [(tasks.BWA, None), (tasks.BWAA, None), (tasks.BWA, "threshold"),
+                                          (tasks.BWAA, "threshold"), (tasks.BWA, "pre_relu")])
 def test_resnet20_placements_carry_information(sample, task, chosen):
     x, _ = sample
     model = teacher()

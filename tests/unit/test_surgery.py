@@ -104,7 +104,7 @@ def test_resnet20_layer_settings_follow_spec(resnet20):
         assert m.weight_quantizer.name == "bnn++" and m.weight_quantizer.params == {"mu": 7.0}
         assert m.act_quantizer.name == "react"
     assert len({id(m.weight_quantizer) for m in layers}) == 18  # one quantizer per layer, not shared
-    assert spec.task == "BWAA"
+    assert spec.task == tasks.BWAA
 
 
 def test_resnet20_include_one_stage(resnet20):
