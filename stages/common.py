@@ -1,4 +1,6 @@
-"""Helpers the pipeline stages share: a stage's model files, evaluation on shards, MLflow logging of a stage.
+"""Helpers the pipeline stages share: a stage's model files and MLflow logging of a stage.
+
+Evaluation on shards: stages.data.eval_loader and pcpp.evaluation.accuracy (the one evaluation).
 
 A model artifact holds model.pt (the state dict), recipe.json (how to build the architecture: the
 `recipe` of pcpp.models.load) and, for a binarized model, binarize.json (the spec binarize_ applies).
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pcpp import evaluation, models
+from pcpp import models
 from stages.artifact import Artifact
 from stages.tracking import log_to_run  # noqa: F401  (kept importable here: the stages import it from this module)
 
@@ -41,18 +43,3 @@ def load_model(artifact: Artifact) -> torch.nn.Module:
 
 def shard_dirs(data: Artifact) -> tuple[Path, Path]:
     return data.path / "train", data.path / "test"
-
-
-def accuracy(model: torch.nn.Module, shard_dir: Path, model_name: str, *, limit: int | None = None,
-             batch_size: int = 256, honest: bool = True) -> float:
-    """Top-1 accuracy in [0, 1] on a shard directory (the honest binarized network for binarized models).
-
-    A loader wrapper: the shards' first `limit` samples (all by default), normalised as the model
-    `model_name` expects, scored by pcpp.evaluation.accuracy (ValueError when there is nothing to score).
-    """
-    from stages.data import make_loader
-
-    norm = models.normalization(model_name)
-    loader = make_loader(shard_dir, train=False, batch_size=batch_size, epoch_length=limit,
-                         mean=norm.mean, std=norm.std)
-    return evaluation.accuracy(model, loader, honest=honest)
