@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.local import check_resources, ensure_ray, tracking_uri
-from pcpp.evaluation import evaluate  # noqa: F401  (kept importable: `from stages.engine import evaluate`)
 from stages.config import TrainConfig, absolute, build
 from stages.preflight import check_batches, check_inputs, check_resume
 from stages.tracking import (
