@@ -46,15 +46,23 @@ class TeacherConfig:
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> dict:
+    """The state dict of the MLflow model at `uri`; runs:/ and models:/ URIs are looked up in the pipeline's
+    store `tracking_uri`, set for this call only (the process's store is restored after)."""
+    import os
+
+    import mlflow
     import mlflow.pytorch
 
-    if tracking_uri:  # runs:/ and models:/ URIs are looked up in the pipeline's store, not the process default
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri keeps it equal to its own
+    if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        return mlflow.pytorch.load_model(uri, map_location="cpu").state_dict()
     except Exception as e:
         raise ValueError(f"teacher: cannot load MLflow model {uri!r}: {type(e).__name__}: {e}") from None
-    return model.state_dict()
+    finally:
+        if tracking_uri:
+            mlflow.set_tracking_uri(previous)  # None: unset again
 
 
 def _from_timm(name: str, kwargs: dict, path: str | None) -> torch.nn.Module:
