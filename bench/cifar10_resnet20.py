@@ -182,7 +182,7 @@ def run_config(args, variant: str, task: str, train_dir: Path, test_dir: Path, t
     return {
         "name": f"bench-{variant}-{task}",
         "seed": args.seed,
-        "pipeline": "ft",
+        "init": "teacher",
         "teacher": str(teacher),
         "model": {"name": "resnet20", "num_classes": 10},
         "data": {"train": str(train_dir), "test": str(test_dir), "batch_size": args.batch_size,

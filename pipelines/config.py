@@ -9,7 +9,7 @@ The pipeline config is composed of the stages' configs (stages.registry): `stage
 stage its own typed config, built from its section and the shared sections it reads (model, the data
 loader settings, binarize, distributed); a stage never sees anything else, and its key hashes exactly
 that. The training stages receive a `TrainConfig`, the schema `pcpp train` reads: the `train` section
-holds its own parts (seed, pipeline, algorithm, optim, distill) under the same names.
+holds its own parts (seed, init, algorithm, optim, distill) under the same names.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 from cluster.local import deepspeed_file
 from pcpp.surgery import BinarizeSpec
 from stages.config import (
+    INIT_OF_PIPELINE,
     PATH,
-    PIPELINES,
     URI,
     AlgorithmConfig,
     ConfigDocument,
@@ -38,6 +38,7 @@ from stages.config import (
     absolute,
     apply_overrides,
     build,
+    check_init,
     read_yaml,
 )
 from stages.data.stage import DataStageConfig
@@ -96,7 +97,7 @@ class TrainSection:
     distributed come from the pipeline's shared sections."""
 
     seed: int = 0
-    pipeline: str = "ft"  # ft: from the teacher (or the pre-trained binarized model); e2e: random init
+    init: str = "teacher"  # teacher: FT (from the pre-trained binarized model when pretrain runs); random: E2E
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -104,13 +105,14 @@ class TrainSection:
     def __post_init__(self):
         from pcpp.rules import get_rule
 
-        if self.pipeline not in PIPELINES:
-            raise ValueError(f"unknown train.pipeline {self.pipeline!r}; valid: {', '.join(PIPELINES)}")
+        check_init(self.init)
         get_rule(self.algorithm.rule, **self.algorithm.params)  # validates the rule's parameters
 
     @classmethod
     def upgrade(cls, data: dict, where: str) -> dict:
-        """Keys of an earlier release: train.rule / train.rule_params, now train.algorithm.rule / .params."""
+        """Keys of earlier releases: train.pipeline (ft | e2e), now train.init (teacher | random), and
+        train.rule / train.rule_params, now train.algorithm.rule / .params."""
+        data = renamed(data, where, "pipeline", "init", INIT_OF_PIPELINE)
         data = renamed(data, where, "rule", "algorithm.rule")
         return renamed(data, where, "rule_params", "algorithm.params")
 
@@ -162,7 +164,7 @@ class PipelineConfig(ConfigDocument):
         t, p = self.teacher, self.pretrain
 
         def training(name: str, section: TrainSection, binarize: BinarizeSpec | None) -> TrainConfig:
-            return TrainConfig(name=name, seed=section.seed, pipeline=section.pipeline, model=self.model,
+            return TrainConfig(name=name, seed=section.seed, init=section.init, model=self.model,
                                data=loader, binarize=binarize, algorithm=section.algorithm, optim=section.optim,
                                distill=section.distill, distributed=self.distributed)
 
@@ -171,7 +173,7 @@ class PipelineConfig(ConfigDocument):
 
         teacher_run = None
         if t.source == "train":  # full precision, from random weights, with the default optimizer
-            teacher_run = training("teacher", TrainSection(pipeline="e2e", optim=optim(t.epochs, t.lr)), None)
+            teacher_run = training("teacher", TrainSection(init="random", optim=optim(t.epochs, t.lr)), None)
         configs = {
             "data": DataStageConfig(train=self.data.train, test=self.data.test, shard_size=self.data.shard_size),
             "teacher": TeacherConfig(source=t.source, path=t.path, uri=t.uri, model=self.model,

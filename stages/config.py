@@ -28,9 +28,13 @@ from stages.schema import (  # noqa: F401  (re-exported: the pipeline and sweep 
     apply_overrides,
     build,
     read_yaml,
+    renamed,
 )
 
-PIPELINES = ("ft", "e2e")
+# Where a student's weights start: the teacher's (fine-tuning, FT) or random (end-to-end, E2E).
+INITS = ("teacher", "random")
+PIPELINE_OF_INIT = {"teacher": "ft", "random": "e2e"}  # the paper's names: FT and E2E pipelines
+INIT_OF_PIPELINE = {v: k for k, v in PIPELINE_OF_INIT.items()}  # the key `pipeline` of earlier releases
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -121,10 +125,10 @@ class TrackingConfig:
 class TrainConfig(ConfigDocument):
     name: str = "run"
     seed: int = 0
-    pipeline: str = "ft"  # ft: start from the teacher weights; e2e: random initialisation
+    init: str = "teacher"  # teacher: fine-tune from the teacher's weights (FT); random: end to end (E2E)
     teacher: str | None = field(default=None, metadata=PATH)  # full-precision checkpoint (FT init, KD teacher)
-    # a binarized student's checkpoint to start from (after binarized pre-training)
-    init: str | None = field(default=None, metadata=PATH)
+    # a binarized student's checkpoint loaded after binarize_ (binarized pre-training's output), FT only
+    student: str | None = field(default=None, metadata=PATH)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     binarize: BinarizeSpec | None = field(default_factory=BinarizeSpec)  # None: full precision
@@ -135,8 +139,17 @@ class TrainConfig(ConfigDocument):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        if self.pipeline not in PIPELINES:
-            raise ValueError(f"unknown pipeline {self.pipeline!r}; valid: {', '.join(PIPELINES)}")
+        check_init(self.init)
+
+    @property
+    def pipeline(self) -> str:
+        """The paper's name of the run `init` chooses: "ft" or "e2e" (read-only; the config key is `init`)."""
+        return PIPELINE_OF_INIT[self.init]
+
+    @classmethod
+    def upgrade(cls, data: dict, where: str) -> dict:
+        """The key `pipeline: ft | e2e` of earlier releases, read as `init: teacher | random`."""
+        return renamed(data, where, "pipeline", "init", INIT_OF_PIPELINE)
 
     def validate_inputs(self) -> None:
         """The checkpoints this run reads are named: a teacher to fine-tune from and to distil from.
@@ -144,11 +157,20 @@ class TrainConfig(ConfigDocument):
         Checked where the run is complete (load_config, the engine's preflight), not at construction: a
         pipeline's stage config gets its teacher from its input artifact, when the stage runs.
         """
-        if self.pipeline == "ft" and not self.teacher:
-            raise ValueError("pipeline 'ft' fine-tunes from a full-precision model: set teacher: PATH "
-                             "(or use pipeline: e2e for random initialisation)")
+        if self.init == "teacher" and not self.teacher:
+            raise ValueError("init 'teacher' fine-tunes from a full-precision model: set teacher: PATH "
+                             "(or use init: random for end-to-end training from random weights)")
         if self.distill.enabled and not self.teacher:
             raise ValueError("distill.enabled needs teacher: PATH (the full-precision teacher)")
+
+
+def check_init(init) -> str:
+    """`init` itself when it is teacher or random; ValueError naming the valid values otherwise."""
+    if init not in INITS:
+        hint = " (a binarized checkpoint to start from is now `student: PATH`)" if isinstance(init, str) and (
+            "/" in init or "." in init) else ""
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}{hint}")
+    return init
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

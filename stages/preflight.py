@@ -30,7 +30,7 @@ def check_inputs(cfg) -> None:
     cfg.validate_inputs()
     for split in ("train", "test"):
         _manifest(cfg, split)
-    for key in ("teacher", "init"):
+    for key in ("teacher", "student"):
         path = getattr(cfg, key)
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{key}: checkpoint {path} does not exist")

@@ -172,7 +172,7 @@ def start_training_run(cfg, run_dir: Path, uri: str, parent_run_id: str | None =
     run_id = reuse_run(c, run_dir)
     if run_id is not None:
         return run_id
-    tags = {MLFLOW_RUN_NAME: run_name or cfg.name, "pcpp.pipeline": cfg.pipeline,
+    tags = {MLFLOW_RUN_NAME: run_name or cfg.name, "pcpp.pipeline": cfg.pipeline, "pcpp.init": cfg.init,
             "pcpp.rule": cfg.algorithm.rule, **(nested_tags or {})}
     if cfg.binarize is not None:
         weight = cfg.binarize.weight

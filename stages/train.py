@@ -25,15 +25,15 @@ def bind(cfg: TrainConfig, inputs: dict[str, Artifact], ctx: StageContext, stage
     """`cfg` completed from the stage's inputs and context (the parts a stage key must not hash twice).
 
     data.train / data.test: the `data` artifact's shard directories; teacher: the `teacher` artifact's
-    checkpoint (when the stage has that input); init: the `pretrain` artifact's checkpoint when fine-tuning
-    after pre-training; name: `<pipeline>-<stage>`; tracking: the run's experiment, store and root.
+    checkpoint (when the stage has that input); student: the `pretrain` artifact's checkpoint when
+    fine-tuning after pre-training; name: `<pipeline>-<stage>`; tracking: the run's experiment, store and root.
     """
     train_dir, test_dir = shard_dirs(inputs["data"])
     teacher = inputs["teacher"].file("model.pt") if "teacher" in inputs else None
-    student = inputs["pretrain"].file("model.pt") if "pretrain" in inputs and cfg.pipeline == "ft" else None
+    student = inputs["pretrain"].file("model.pt") if "pretrain" in inputs and cfg.init == "teacher" else None
     return dataclasses.replace(
         cfg, name=f"{ctx.pipeline_name}-{stage}", teacher=str(teacher) if teacher else None,
-        init=str(student) if student else None,
+        student=str(student) if student else None,
         data=dataclasses.replace(cfg.data, train=str(train_dir), test=str(test_dir)),
         tracking=TrackingConfig(experiment=ctx.experiment, tracking_uri=ctx.tracking_uri, run_root=str(ctx.root)))
 

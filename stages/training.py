@@ -50,12 +50,12 @@ EVAL_BATCH = 256
 # -- what a run starts from ------------------------------------------------------------------------------
 def from_teacher(cfg: TrainConfig) -> bool:
     """Fine-tuning: the student starts from the teacher's full-precision weights (else random init)."""
-    return cfg.pipeline == "ft"
+    return cfg.init == "teacher"
 
 
 def student_checkpoint(cfg: TrainConfig) -> str | None:
     """A binarized student's checkpoint to start from (after binarized pre-training), if any."""
-    return cfg.init
+    return cfg.student
 
 
 def model_recipe(cfg: TrainConfig) -> dict:

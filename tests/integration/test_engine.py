@@ -26,7 +26,7 @@ def _merge(base: dict, over: dict) -> dict:
 def tiny_config(shards, run_root, **over) -> TrainConfig:
     train, test = shards
     base = {
-        "name": "tiny", "seed": 0, "pipeline": "e2e",
+        "name": "tiny", "seed": 0, "init": "random",
         "model": {"name": "resnet20", "num_classes": 4},
         "data": {"train": str(train), "test": str(test), "batch_size": 32, "epoch_length": 640},
         "binarize": {"weight": "bnn++"},

@@ -94,7 +94,7 @@ def test_submit_stop_resume_and_cache(head, tiny_shards, tmp_path):
         "teacher": {"source": "train", "epochs": 1, "lr": 0.01},
         "binarize": {"weight": "bnn++"},
         "pretrain": {"enabled": True, "epochs": 1, "lr": 0.005},
-        "train": {"pipeline": "ft", "optim": {"epochs": 3, "lr": 0.005}},
+        "train": {"init": "teacher", "optim": {"epochs": 3, "lr": 0.005}},
         "sensitivity": {"enabled": True, "eval_limit": 40},
         "export": {"enabled": True},
         "distributed": {"num_workers": 1, "zero_stage": 1},

@@ -122,7 +122,7 @@ def test_pcpp_train_listens_on_loopback_takes_paths_from_its_directory_and_repla
 
     _link_shards(tiny_shards, tmp_path)
     (tmp_path / "train.yaml").write_text(
-        "name: 1.10\npipeline: e2e\nmodel: {name: resnet20, num_classes: 4}\n"
+        "name: 1.10\ninit: random\nmodel: {name: resnet20, num_classes: 4}\n"
         "data: {train: shards/train, test: shards/test, batch_size: 32, epoch_length: 64, eval_limit: 40}\n"
         "binarize: {weight: bnn++}\noptim: {lr: 1e-2, epochs: 1}\ndistributed: {num_workers: 1, zero_stage: 1}\n"
         "tracking: {experiment: 2024, run_root: runs}\n")
@@ -174,7 +174,7 @@ def test_pcpp_sweep_listens_on_loopback_and_a_failed_sweep_leaves_no_run_running
                  "eval_limit": 40},
         "teacher": {"source": "file", "path": "teacher.th"},
         "binarize": {"weight": "fp", "scaling": "none"},  # full precision, sgd at lr >= 1e29: the loss is NaN
-        "train": {"pipeline": "ft", "optim": {"name": "sgd", "lr_schedule": "constant", "epochs": 1}},
+        "train": {"init": "teacher", "optim": {"name": "sgd", "lr_schedule": "constant", "epochs": 1}},
         "sensitivity": {"enabled": False}, "export": {"enabled": False},
         "distributed": {"num_workers": 1, "zero_stage": 1}, "tracking": {"experiment": "nan"}}))
     (tmp_path / "sweep.yaml").write_text("pipeline: pipeline.yaml\nsearch: {lr: {low: 1e29, high: 1e30, log: true}}\n"

@@ -20,7 +20,7 @@ def test_crashed_pipeline_resumes_from_the_last_checkpoint(tiny_shards, local_ra
         "data": {"train": str(train), "test": str(test), "batch_size": 32, "epoch_length": 320},
         "teacher": {"source": "train", "epochs": 1, "lr": 0.01},
         "binarize": {"weight": "bnn++"},
-        "train": {"pipeline": "ft", "optim": {"epochs": 2, "lr": 0.005}},
+        "train": {"init": "teacher", "optim": {"epochs": 2, "lr": 0.005}},
         "sensitivity": {"enabled": False}, "export": {"enabled": True},
         "distributed": {"num_workers": 1, "zero_stage": 1}, "tracking": {"experiment": "tiny-resume"},
     })

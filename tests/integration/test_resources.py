@@ -21,7 +21,7 @@ def test_more_workers_than_cpus_is_refused_naming_what_was_asked_and_what_exists
         prepare(make_image_folder(tmp_path / "img" / split, n, classes=1), tmp_path / split, shard_size=1,
                 progress=False)
     (tmp_path / "c.yaml").write_text(
-        f"pipeline: e2e\nmodel: {{name: resnet20, num_classes: 1}}\n"
+        f"init: random\nmodel: {{name: resnet20, num_classes: 1}}\n"
         f"data: {{train: {tmp_path / 'train'}, test: {tmp_path / 'test'}}}\n"
         f"tracking: {{run_root: {tmp_path / 'runs'}}}\n")
     for workers, gpu, have in ((cpus + 1, False, f"{cpus} CPU"), (gpus + 1, True, f"{gpus} GPU")):

@@ -18,7 +18,7 @@ def tiny_pipeline(shards, root) -> dict:
         "data": {"train": str(train), "test": str(test), "batch_size": 32, "epoch_length": 320},
         "teacher": {"source": "train", "epochs": 1, "lr": 0.01},
         "binarize": {"weight": "bnn++"},
-        "train": {"pipeline": "ft", "optim": {"epochs": 2, "lr": 0.005}},
+        "train": {"init": "teacher", "optim": {"epochs": 2, "lr": 0.005}},
         "sensitivity": {"enabled": False}, "export": {"enabled": False},
         "distributed": {"num_workers": 1, "zero_stage": 1},
         "tracking": {"experiment": "tiny"},

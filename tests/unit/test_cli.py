@@ -59,7 +59,7 @@ def test_a_wrong_type_in_a_train_config_exits_2_before_ray_or_mlflow(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "c.yaml").write_text("pipeline: e2e\nname: 1.10\noptim: {lr: fast, weight_decay: 1e-3}\n"
+    (tmp_path / "c.yaml").write_text("init: random\nname: 1.10\noptim: {lr: fast, weight_decay: 1e-3}\n"
                                      f"tracking: {{experiment: 2024, run_root: {tmp_path / 'runs'}}}\n")
     code = ("import sys; from pipelines.cli import main; rc = main(sys.argv[1:]); "
             "print('ray imported' if 'ray' in sys.modules else 'ray not imported'); sys.exit(rc)")

@@ -36,16 +36,16 @@ def test_overrides_are_typed_yaml_values():
     ({"optim": {"name": "lamb"}}, "valid: adam, adamw, sgd"),
 ])
 def test_bad_config_is_refused_with_the_valid_values(data, needle):
-    base = {"pipeline": "e2e"}
+    base = {"init": "random"}
     base.update(data)
     with pytest.raises(ValueError) as err:
         build(TrainConfig, base)
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["pipeline: ft\n", "pipeline: e2e\ndistill: {enabled: true}\n"])
+@pytest.mark.parametrize("text", ["init: teacher\n", "init: random\ndistill: {enabled: true}\n"])
 def test_a_run_that_reads_a_teacher_must_name_one(tmp_path, text):
-    """Checked on the complete config (a pipeline stage's gets its teacher from its input when it runs)."""
+    """Checked on the complete config (a pipeline stage's config gets its teacher from its input when it runs)."""
     cfg = build(TrainConfig, yaml.safe_load(text))  # a stage config: the teacher is filled in later
     with pytest.raises(ValueError, match="teacher: PATH"):
         cfg.validate_inputs()
@@ -74,15 +74,15 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 @pytest.mark.parametrize("spelling, value", [("1e-3", 1e-3), ("1E-3", 1e-3), (".5", 0.5), ("+2.5e+1", 25.0),
                                              ("3", 3.0), ("0.01", 0.01), ("1_000.5", 1000.5)])
 def test_numbers_in_any_yaml_spelling_become_floats(tmp_path, spelling, value):
-    cfg = load_config(write(tmp_path, f"pipeline: e2e\noptim: {{lr: {spelling}, momentum: {spelling}}}\n"))
+    cfg = load_config(write(tmp_path, f"init: random\noptim: {{lr: {spelling}, momentum: {spelling}}}\n"))
     assert type(cfg.optim.lr) is float and cfg.optim.lr == pytest.approx(value)
     assert type(cfg.optim.momentum) is float
-    over = load_config(write(tmp_path, "pipeline: e2e\n"), [f"optim.lr={spelling}"])
+    over = load_config(write(tmp_path, "init: random\n"), [f"optim.lr={spelling}"])
     assert type(over.optim.lr) is float and over.optim.lr == pytest.approx(value)
 
 
 def test_names_stay_strings_and_integers_stay_integers(tmp_path):
-    cfg = load_config(write(tmp_path, "pipeline: e2e\nname: 1.10\ntracking: {experiment: 2024}\nseed: 1e1\n"
+    cfg = load_config(write(tmp_path, "init: random\nname: 1.10\ntracking: {experiment: 2024}\nseed: 1e1\n"
                                       "optim: {epochs: 2.0}\ndata: {batch_size: 1e2}\nmodel: {name: resnet20}\n"
                                       "binarize: {weight: {name: bnn++, mu: 1e1}}\n"))
     assert cfg.name == "1.10" and cfg.tracking.experiment == "2024"
@@ -90,15 +90,15 @@ def test_names_stay_strings_and_integers_stay_integers(tmp_path):
     assert cfg.optim.epochs == 2 and type(cfg.optim.epochs) is int
     assert cfg.data.batch_size == 100 and type(cfg.data.batch_size) is int
     assert cfg.binarize.weight == {"name": "bnn++", "mu": 10.0}  # free-form sections: YAML 1.2 numbers
-    over = load_config(write(tmp_path, "pipeline: e2e\n"), ["name=1.10", "tracking.experiment=2024"])
+    over = load_config(write(tmp_path, "init: random\n"), ["name=1.10", "tracking.experiment=2024"])
     assert over.name == "1.10" and over.tracking.experiment == "2024"
-    assert build(TrainConfig, {"pipeline": "e2e", "optim": {"lr": "1e-3"}}).optim.lr == 1e-3  # another reader's text
+    assert build(TrainConfig, {"init": "random", "optim": {"lr": "1e-3"}}).optim.lr == 1e-3  # another reader's text
 
 
 def test_every_wrong_type_of_a_file_is_refused_at_once_naming_its_key(tmp_path):
     from stages.config import ConfigError
 
-    path = write(tmp_path, "pipeline: e2e\nname: {a: 1}\noptim: {lr: fast, epochs: 1.5, bogus: 2}\n"
+    path = write(tmp_path, "init: random\nname: {a: 1}\noptim: {lr: fast, epochs: 1.5, bogus: 2}\n"
                            "distributed: {use_gpu: 1, num_workers: two}\ndistill: {enabled: maybe}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
@@ -111,7 +111,7 @@ def test_every_wrong_type_of_a_file_is_refused_at_once_naming_its_key(tmp_path):
                    "distill.enabled: expected true or false, got 'maybe'"):
         assert needle in text, needle
     with pytest.raises(ValueError, match="optim.lr: expected a number, got 'fast'"):
-        load_config(write(tmp_path, "pipeline: e2e\n"), ["optim.lr=fast"])
+        load_config(write(tmp_path, "init: random\n"), ["optim.lr=fast"])
 
 
 def test_pipeline_configs_are_typed_by_the_same_reader(tmp_path):
@@ -125,6 +125,34 @@ def test_pipeline_configs_are_typed_by_the_same_reader(tmp_path):
     with pytest.raises(ValueError) as err:
         load_pipeline(write(tmp_path, base + "train: {optim: {lr: fast}}\ndata: {batch_size: big}\n"))
     assert "train.optim.lr: expected a number, got 'fast'" in str(err.value)
+
+
+@pytest.mark.parametrize("old, new", [("ft", "teacher"), ("e2e", "random")])
+def test_the_old_pipeline_key_is_read_as_init_with_a_deprecation_warning(tmp_path, old, new):
+    from pipelines.config import load_pipeline
+
+    with pytest.warns(DeprecationWarning, match=f"config key pipeline is deprecated: use init: {new}"):
+        cfg = load_config(write(tmp_path, f"pipeline: {old}\nteacher: t.th\n"))
+    assert cfg.init == new and cfg.pipeline == old  # a read-only property: the paper's FT / E2E
+    assert "pipeline" not in cfg.to_dict() and load_config(write(tmp_path, cfg.to_yaml())) == cfg
+    with pytest.raises(AttributeError):
+        cfg.pipeline = "ft"
+    base = "data: {train: a, test: b}\nteacher: {source: file, path: t.th}\n"
+    with pytest.warns(DeprecationWarning, match=f"train.pipeline is deprecated: use train.init: {new}"):
+        pc = load_pipeline(write(tmp_path, base + f"train: {{pipeline: {old}}}\n"))
+    assert pc.train.init == new and pc.stage_config("train").pipeline == old
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("pipeline: fine\n", "unknown pipeline 'fine'; valid: ft, e2e (deprecated: use init: teacher | random)"),
+    ("init: ft\n", "unknown init 'ft'; valid: teacher, random"),
+    ("init: runs/x.pt\n", "now `student: PATH`"),
+    ("pipeline: ft\ninit: teacher\n", "pipeline and init are both given"),
+])
+def test_init_takes_teacher_or_random(tmp_path, text, needle):
+    with pytest.raises(ValueError) as err:
+        load_config(write(tmp_path, "teacher: t.th\n" + text))
+    assert needle in str(err.value)
 
 
 def test_the_pipeline_train_section_takes_the_training_schema_names(tmp_path):
@@ -148,14 +176,14 @@ def test_relative_paths_are_taken_from_the_working_directory_never_the_repo(tmp_
     sub = tmp_path / "configs"
     sub.mkdir()
     elsewhere = tmp_path / "elsewhere" / "test"  # an absolute path: kept as it is
-    path = write(sub, "pipeline: ft\nteacher: Makefile\ninit: ~/x.pt\n"
+    path = write(sub, "init: teacher\nteacher: Makefile\nstudent: ~/x.pt\n"
                       f"data: {{train: shards/train, test: {elsewhere}}}\n"
                       "tracking: {run_root: runs, tracking_uri: sqlite:///rel.db}\n"
                       "distributed: {deepspeed: cpu}\n")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
     assert cfg.teacher == str(tmp_path / "Makefile")  # not the repository's Makefile, not the config's folder
-    assert cfg.init == str(Path("~/x.pt").expanduser())
+    assert cfg.student == str(Path("~/x.pt").expanduser())
     assert cfg.data.train == str(tmp_path / "shards" / "train") and cfg.data.test == str(elsewhere)
     assert cfg.tracking.run_root == str(tmp_path / "runs")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'rel.db'}"

@@ -34,7 +34,7 @@ def shards(tmp_path_factory):
 
 
 def config(shards, **data) -> TrainConfig:
-    return build(TrainConfig, {"pipeline": "e2e", "data": {"train": str(shards[0]), "test": str(shards[1]), **data}})
+    return build(TrainConfig, {"init": "random", "data": {"train": str(shards[0]), "test": str(shards[1]), **data}})
 
 
 @pytest.mark.parametrize("data, world, needle", [
@@ -60,8 +60,8 @@ def test_an_epoch_of_at_least_one_batch_passes(shards, data, world):
 
 def test_missing_inputs_are_named(shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train = '/nope' is not a shard directory"):
-        check_inputs(build(TrainConfig, {"pipeline": "e2e", "data": {"train": "/nope", "test": str(shards[1])}}))
-    cfg = build(TrainConfig, {"pipeline": "ft", "teacher": str(tmp_path / "t.th"),
+        check_inputs(build(TrainConfig, {"init": "random", "data": {"train": "/nope", "test": str(shards[1])}}))
+    cfg = build(TrainConfig, {"init": "teacher", "teacher": str(tmp_path / "t.th"),
                               "data": {"train": str(shards[0]), "test": str(shards[1])}})
     with pytest.raises(FileNotFoundError, match=f"teacher: checkpoint {tmp_path / 't.th'} does not exist"):
         check_inputs(cfg)
@@ -107,7 +107,7 @@ def test_a_deleted_or_missing_run_is_replaced_with_a_notice(tmp_path, capsys, st
     from stages.tracking import start_training_run
 
     uri, client = store
-    cfg = build(TrainConfig, {"pipeline": "e2e", "tracking": {"run_root": str(tmp_path), "experiment": "e"}})
+    cfg = build(TrainConfig, {"init": "random", "tracking": {"run_root": str(tmp_path), "experiment": "e"}})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "epochs.jsonl").write_text(json.dumps({"epoch": 1, "loss": 2.0}) + "\n"
@@ -140,7 +140,7 @@ def test_a_deleted_experiment_is_refused_with_how_to_restore_it(tmp_path, store)
 def test_pcpp_train_refuses_an_epoch_without_a_batch_before_ray(shards, tmp_path, capsys):
     from pipelines.cli import main
 
-    (tmp_path / "c.yaml").write_text(f"pipeline: e2e\ndata: {{train: {shards[0]}, test: {shards[1]}, "
+    (tmp_path / "c.yaml").write_text(f"init: random\ndata: {{train: {shards[0]}, test: {shards[1]}, "
                                      f"batch_size: 128}}\ntracking: {{run_root: {tmp_path / 'runs'}}}\n")
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err

@@ -88,7 +88,7 @@ def test_engine_applies_a_new_rules_after_step(shards, shift_rule, process_group
 
     train, test = shards
     cfg = build(TrainConfig, {
-        "name": "hooks", "pipeline": "e2e", "model": {"name": "resnet20", "num_classes": 4},
+        "name": "hooks", "init": "random", "model": {"name": "resnet20", "num_classes": 4},
         "data": {"train": str(train), "test": str(test), "batch_size": 8, "epoch_length": 16},
         "binarize": {"weight": "bnn++"}, "algorithm": {"rule": shift_rule.name},
         "optim": {"name": "sgd", "lr": 1e-6, "momentum": 0.0, "epochs": 2},

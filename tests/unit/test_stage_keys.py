@@ -44,7 +44,7 @@ READERS = {
     "teacher.source": {"teacher"}, "teacher.path": {"teacher"}, "teacher.uri": {"teacher"},
     "teacher.epochs": set(), "teacher.lr": set(),  # read only when the teacher is trained (below)
     "pretrain.enabled": set(), "pretrain.epochs": {"pretrain"}, "pretrain.lr": {"pretrain"},
-    "train.seed": TRAINING, "train.pipeline": {"train"},
+    "train.seed": TRAINING, "train.init": {"train"},
     "sensitivity.enabled": set(), "export.enabled": set(),  # which stages run, not what they compute
     "tracking.experiment": set(), "tracking.tracking_uri": set(),  # the run's MLflow store, given as context
 }
@@ -55,7 +55,7 @@ CHANGED = {
     "binarize.weight": "bnn", "binarize.activation": "bnn++", "binarize.scaling": "channel", "binarize.units": "raw",
     "binarize.accumulator_bits": 8, "binarize.include": ["layer1.*"], "binarize.exclude": ["layer3.*"],
     "binarize.activation_placement": "threshold", "binarize.activation_guard": "warn",
-    "train.pipeline": ("e2e", "ft"), "train.algorithm.rule": "rpc",
+    "train.init": ("random", "teacher"), "train.algorithm.rule": "rpc",
     "train.algorithm.params": {"rho": {"kind": "linear", "start": 0.1, "end": 5.0}},
     "train.optim.name": "sgd", "train.optim.lr_schedule": "constant",
     "sensitivity.weight": "bnn", "sensitivity.activation": "bnn++", "sensitivity.scaling": "channel",
