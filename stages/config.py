@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcpp.rules import rule_names
+from pcpp.schedules import LR_SCHEDULES
 from pcpp.surgery import BinarizeSpec
 from stages.schema import (  # noqa: F401  (re-exported: the pipeline and sweep configs use them)
     DEEPSPEED,
@@ -36,7 +37,6 @@ INITS = ("teacher", "random")
 PIPELINE_OF_INIT = {"teacher": "ft", "random": "e2e"}  # the paper's names: FT and E2E pipelines
 INIT_OF_PIPELINE = {v: k for k, v in PIPELINE_OF_INIT.items()}  # the key `pipeline` of earlier releases
 OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
