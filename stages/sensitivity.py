@@ -96,7 +96,7 @@ def run(cfg: SensitivityConfig, inputs: dict[str, Artifact], out: Path, ctx: Sta
     recipe = template.pcpp_recipe  # {"name", "kwargs"}: how the teacher was built
     name, kwargs = recipe["name"], dict(recipe.get("kwargs") or {})
 
-    from stages.data import load_manifest, make_loader
+    from stages.data import LoaderConfig, load_manifest, make_loader
 
     data = Path(inputs["data"].path)
     test_dir = data / "test"
@@ -108,10 +108,10 @@ def run(cfg: SensitivityConfig, inputs: dict[str, Artifact], out: Path, ctx: Sta
     size = manifest.get("image_size")
     image_size = kwargs.get("img_size") or (size[0] if size and size[0] == size[1] else 32)
     norm = models.normalization(name)
-    loader_kw = dict(batch_size=cfg.batch_size, mean=norm.mean, std=norm.std, image_size=image_size)
+    batches = LoaderConfig(batch_size=cfg.batch_size, mean=norm.mean, std=norm.std, image_size=image_size)
     limit = None if cfg.eval_limit is None else min(cfg.eval_limit, manifest["num_samples"])
-    test_loader = make_loader(test_dir, train=False, epoch_length=limit, **loader_kw)
-    bat_loader = make_loader(data / "train", train=True, **loader_kw) if cfg.bat_steps else None
+    test_loader = make_loader(test_dir, batches, train=False, epoch_length=limit)
+    bat_loader = make_loader(data / "train", batches, train=True) if cfg.bat_steps else None
 
     patterns = cfg.blocks if cfg.blocks is not None else blocks(template)
     bar = tqdm(total=len(patterns), desc="sensitivity", unit="block", disable=not ctx.extra.get("progress", True))

@@ -226,20 +226,20 @@ class TrainingRun:
         """Loaders, model, activation calibration, teacher, optimizer, DeepSpeed, rule hooks, resume."""
         import deepspeed
 
-        from stages.data import make_loader
+        from stages.data import LoaderConfig, make_loader
 
         cfg, rank, world = self.cfg, self.rank, self.world
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
         norm = models.normalization(cfg.model.name)  # the model's (teacher's) input statistics
         per_rank = None if cfg.data.epoch_length is None else cfg.data.epoch_length // world
-        self.train_loader = make_loader(
-            resolve(cfg.data.train), train=True, batch_size=cfg.data.batch_size // world, seed=cfg.seed, rank=rank,
-            world_size=world, num_workers=cfg.data.num_workers, epoch_length=per_rank, mean=norm.mean, std=norm.std)
+        batches = LoaderConfig(batch_size=cfg.data.batch_size // world, num_workers=cfg.data.num_workers,
+                               mean=norm.mean, std=norm.std)
+        self.train_loader = make_loader(resolve(cfg.data.train), batches, train=True, seed=cfg.seed, rank=rank,
+                                        world_size=world, epoch_length=per_rank)
         eval_per_rank = None if cfg.data.eval_limit is None else cfg.data.eval_limit // world
-        self.test_loader = make_loader(
-            resolve(cfg.data.test), train=False, batch_size=EVAL_BATCH, seed=cfg.seed, rank=rank, world_size=world,
-            num_workers=cfg.data.num_workers, epoch_length=eval_per_rank, mean=norm.mean, std=norm.std)
+        self.test_loader = make_loader(resolve(cfg.data.test), batches, train=False, batch_size=EVAL_BATCH,
+                                       seed=cfg.seed, rank=rank, world_size=world, epoch_length=eval_per_rank)
         model, rule = build_model(cfg)
         balance = prepare_activations(model, cfg, self.train_loader)
         self.teacher = build_teacher(cfg) if cfg.distill.enabled else None

@@ -12,7 +12,7 @@ Modules, one idea each:
 - `stage`: `prepare` and the pipeline stage `run`.
 """
 
-from stages.data.loader import ShardLoader, eval_loader, make_loader
+from stages.data.loader import LoaderConfig, ShardLoader, eval_loader, make_loader
 from stages.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -34,6 +34,7 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGE_FIELDS",
     "IMG_EXTENSIONS",
+    "LoaderConfig",
     "MANIFEST",
     "SHARD_PATTERN",
     "ShardLoader",

@@ -4,12 +4,14 @@ and augmentation (RandomCrop with zero padding + horizontal flip), a fixed numbe
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
 import random
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -222,25 +224,50 @@ class ShardLoader:
                 shutdown()
 
 
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are made, whatever the shards and the rank: one value a caller builds once.
+
+    batch_size: samples per batch (per rank); num_workers: DataLoader worker processes; mean/std: the
+    per-channel normalisation (3 values each; None: the manifest's); image_size: the training crop's side
+    in pixels; drop_last: None means True for training, False for evaluation; shuffle_buffer: samples in
+    the seeded shuffle buffer; with_keys: batches carry their sample keys as a third element; pin_memory:
+    DataLoader's; check_hash: verify each fully read shard's sha256.
+    """
+
+    batch_size: int = 128
+    num_workers: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    image_size: int = 32
+    drop_last: bool | None = None
+    shuffle_buffer: int = 2000
+    with_keys: bool = False
+    pin_memory: bool = False
+    check_hash: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, not {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, not {self.num_workers}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, tuple(float(v) for v in value))
+
+
 def make_loader(
     shard_dir: str | os.PathLike,
+    config: LoaderConfig | None = None,
     *,
     train: bool,
-    batch_size: int,
-    num_workers: int = 0,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
     epoch: int = 0,
     epoch_length: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    image_size: int = 32,
-    drop_last: bool | None = None,
-    shuffle_buffer: int = 2000,
-    with_keys: bool = False,
-    pin_memory: bool = False,
-    check_hash: bool = True,
+    **fields,
 ) -> ShardLoader:
     """A loader over the shards in `shard_dir` for one rank.
 
@@ -250,12 +277,22 @@ def make_loader(
     drop_last defaults to True. Eval: fixed split, no shuffling or augmentation, default length the
     rank's own shards, drop_last False. mean/std default to the manifest's. `with_keys` adds each
     batch's sample keys as a third element. `check_hash` checks each fully read shard's sha256.
+
+    config: how batches are made (`LoaderConfig`); keyword `fields` (any of its field names, e.g.
+    batch_size=64) replace its values for this call. seed, rank, world_size, epoch and epoch_length say
+    which samples this rank reads. Raises ValueError for an unknown field or a split that cannot be made.
     """
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LoaderConfig)})
+    if unknown:
+        raise TypeError(f"make_loader got unknown loader fields {unknown}; valid: "
+                        f"{', '.join(f.name for f in dataclasses.fields(LoaderConfig))}")
+    c = dataclasses.replace(config or LoaderConfig(), **fields)
+    batch_size, num_workers, mean, std = c.batch_size, c.num_workers, c.mean, c.std
+    image_size, drop_last, shuffle_buffer, with_keys = c.image_size, c.drop_last, c.shuffle_buffer, c.with_keys
+    pin_memory, check_hash = c.pin_memory, c.check_hash
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
     shards = manifest["shards"]
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, not {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if len(shards) < world_size:
@@ -313,4 +350,5 @@ def eval_loader(shard_dir: str | os.PathLike, model_name: str, *, limit: int | N
     from pcpp import models
 
     norm = models.normalization(model_name)
-    return make_loader(shard_dir, train=False, batch_size=batch_size, epoch_length=limit, mean=norm.mean, std=norm.std)
+    return make_loader(shard_dir, LoaderConfig(batch_size=batch_size, mean=norm.mean, std=norm.std), train=False,
+                       epoch_length=limit)

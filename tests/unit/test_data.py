@@ -376,3 +376,17 @@ def test_cifar10_jpeg_slice(tmp_path):
             assert manifest["classes"][s["label"]] == s["key"].split("/")[0]
     x, y = next(iter(data.make_loader(tmp_path, train=True, batch_size=64, num_workers=2)))
     assert x.shape == (64, 3, 32, 32) and y.shape == (64,)
+
+
+@pytest.mark.unit
+def test_loader_config_is_built_once_and_fields_override_it(shards):
+    cfg = data.LoaderConfig(batch_size=7, mean=(0, 0, 0), std=(1, 1, 1), with_keys=True)
+    first = next(iter(data.make_loader(shards, cfg, train=False)))
+    assert len(first) == 3 and len(first[1]) == 7  # with_keys and batch_size from the config
+    x, y = next(iter(data.make_loader(shards, cfg, train=False, batch_size=3, with_keys=False)))
+    assert len(y) == 3
+    assert torch.equal(x, first[0][:3])  # the same samples, the same normalisation
+    with pytest.raises(TypeError, match="unknown loader fields \\['batchsize'\\]; valid: batch_size"):
+        data.make_loader(shards, cfg, train=False, batchsize=3)
+    with pytest.raises(ValueError, match="batch_size must be positive, not 0"):
+        data.LoaderConfig(batch_size=0)
