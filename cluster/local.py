@@ -77,7 +77,9 @@ def ensure_ray(num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
-    env_vars = {"HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    from cluster.progress import worker_env
+
+    env_vars = {"HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", **worker_env()}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         if not names_remote_cluster(address):

@@ -189,16 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML training config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
     p.add_argument("--run-dir", help="run directory (default: under tracking.run_root); a rerun resumes it")
+    p.add_argument("--verbose", action="store_true",
+                   help="print everything Ray forwards from its workers (default: one line per stage, epoch, error)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="the whole pipeline (data, teacher, pretrain, train, sensitivity, export) on Ray")
     p.add_argument("config", help="pipeline YAML (pipelines/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.optim.epochs=3")
+    p.add_argument("--verbose", action="store_true",
+                   help="print everything Ray forwards from its workers (default: one line per stage, epoch, error)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="Ray Tune + ASHA over mu0, muT, rho0, rhoT and lr; writes the best pipeline YAML")
     p.add_argument("config", help="sweep YAML (pipelines/configs/sweep_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--verbose", action="store_true",
+                   help="print everything Ray forwards from its workers (default: one line per stage, epoch, error)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="paper-style table (variants x tasks) of binary accuracy from MLflow runs")
@@ -215,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     # shown to the user of the command, which Python's default filters would hide.
     warnings.filterwarnings("default", message="config key .* is deprecated", category=DeprecationWarning)
     args = build_parser().parse_args(argv)
+    if hasattr(args, "verbose"):  # before Ray is imported: it reads its log filter then (cluster.progress)
+        from cluster.progress import set_verbose
+
+        set_verbose(args.verbose)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

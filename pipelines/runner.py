@@ -72,7 +72,9 @@ def execute_stage(name: str, config, ctx: StageContext, dep_names: list[str], *d
     ctx.run_id = _child_run(ctx, name, key, hit is not None)
     if hit is not None:
         _end_child(ctx, "FINISHED", hit)
+        print(f"stage {name}: cached ({key})", flush=True)
         return hit, {"stage": name, "cached": True, "seconds": 0.0, "key": key}
+    print(f"stage {name}: started", flush=True)  # one line each: start, end or failure (quiet console)
     started = time.time()
     out = ctx.root / "artifacts" / f".tmp-{name}-{key}-{int(started * 1000)}"
     out.mkdir(parents=True)
@@ -82,8 +84,10 @@ def execute_stage(name: str, config, ctx: StageContext, dep_names: list[str], *d
     except BaseException as e:
         shutil.rmtree(out, ignore_errors=True)
         _end_child(ctx, "FAILED", message=f"{type(e).__name__}: {e}")
+        print(f"stage {name}: failed after {time.time() - started:.1f} s: {one_line(e)}", flush=True)
         raise
     _end_child(ctx, "FINISHED", artifact)
+    print(f"stage {name}: finished in {time.time() - started:.1f} s", flush=True)
     return artifact, {"stage": name, "cached": False, "seconds": round(time.time() - started, 1), "key": key}
 
 

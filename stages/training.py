@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.local import deepspeed_file, resolve
+from cluster.progress import bar as progress_bar
 from pcpp import layers, models
 from pcpp.calibration import BalanceReport, prepare_activations_
 from pcpp.distill import kd_loss
@@ -288,6 +289,8 @@ class TrainingRun:
             m.reset_overflow()
         t0 = time.time()
         loss_sum = correct = seen = 0.0
+        bar = progress_bar(desc=f"{self.cfg.name} epoch {epoch + 1}/{self.cfg.optim.epochs}", unit="step",
+                           total=len(self.train_loader), disable=self.rank != 0)  # one live bar (cluster.progress)
         for x, y in self.train_loader:
             self.progress = progress_at(self.step, self.total_steps)  # the last step runs at the schedules' end
             layers.set_progress(self.module, self.progress)
@@ -301,6 +304,7 @@ class TrainingRun:
                 self.status = "diverged"
                 self.message = (f"diverged: non-finite loss at epoch {epoch + 1}, step {self.step} "
                                 f"(lr {lr_at(self.cfg, self.progress):.3g})")
+                bar.close()
                 return None
             self.engine.backward(loss)
             self.rules.before_step()
@@ -310,6 +314,8 @@ class TrainingRun:
             loss_sum += float(loss.detach()) * y.numel()
             correct += float((logits.detach().argmax(1) == y).sum())
             seen += y.numel()
+            bar.update(1)
+        bar.close()
         return EpochStats(loss_sum, correct, seen, time.time() - t0)
 
     # -- evaluation --------------------------------------------------------------------------------------
@@ -352,6 +358,9 @@ class TrainingRun:
                 self.tracker.log_metrics(metrics, step=epoch + 1)
             with (self.run_dir / HISTORY).open("a") as f:
                 f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
+            g = {k: metrics.get(k, math.nan) for k in ("loss", "binary_acc", "forward_acc", "epoch_time_s")}
+            print(f"{self.cfg.name} epoch {epoch + 1}/{self.cfg.optim.epochs}: loss {g['loss']:.4f}, binary acc "
+                  f"{g['binary_acc']:.4f}, forward acc {g['forward_acc']:.4f}, {g['epoch_time_s']:.1f} s", flush=True)
         self.report({"epoch": epoch + 1, **metrics})
 
     def weights_finite(self) -> bool:
