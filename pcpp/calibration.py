@@ -1,6 +1,6 @@
 """Activation thresholds from data, and the guard against binarized activations that carry nothing.
 
-DESIGN.md, "Activation binarization sees signed inputs": in a ReLU network every input of a binarized
+docs/contracts.md, "Binarized layers and surgery": in a ReLU network every input of a binarized
 conv is >= 0, so an honest sign() is +1 everywhere (ResNet-20 with the teacher's weights and sign
 activations: 10.0%, chance). Two tools, both pure torch and run before training starts:
 
@@ -180,7 +180,7 @@ def check_activation_balance(model: nn.Module, batch, limit: float = 0.99, *, st
     pair, normalised as the model expects. limit in (0.5, 1]: a layer with a share >= limit on either
     side is refused. Returns the per-layer BalanceReport (rows in forward order; empty for BW); with
     strict=True raises ValueError naming every refused layer and what to set, with strict=False the
-    caller decides (e.g. logs a warning). DESIGN.md, "Activation binarization sees signed inputs".
+    caller decides (e.g. logs a warning). docs/contracts.md, "Binarized layers and surgery".
     """
     if not 0.5 < limit <= 1.0:
         raise ValueError(f"limit must lie in (0.5, 1], got {limit!r}")

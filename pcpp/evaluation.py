@@ -1,6 +1,6 @@
 """The one evaluation of a (binarized) classifier: top-1 counts of the honest network.
 
-Honest (DESIGN.md, "evaluation honesty"): every binarized layer runs its true binary forward (sign of
+Honest (docs/contracts.md, "Honest evaluation"): every binarized layer runs its true binary forward (sign of
 the latent weight times its scale, sign of the thresholded activation, the 8-bit wrap for BWAA), the
 figure every accuracy pcpp reports comes from. `honest=False` gives the training forward (the pairs'
 F at the current schedule values), reported beside it so that a forward/binary gap is visible.

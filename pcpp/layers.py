@@ -5,11 +5,11 @@ Formerly pcpp.nn (a name that shadowed torch.nn; pcpp.nn still re-exports this m
 They subclass nn.Conv2d / nn.Linear and keep the parameter names, so full-precision state dicts load
 as-is; the latent weight w* is `self.weight` and is transformed inside `forward` (timm's StdConv2d way).
 
-Scale convention (DESIGN.md): with a scale s (mean |w*| per layer, the paper's protocol 1, or per
+Scale convention (docs/contracts.md): with a scale s (mean |w*| per layer, the paper's protocol 1, or per
 output channel), a weight pair acts in units of s: output s F(w*/s), gradient B(w*/s). `units="raw"`
 applies the pair to w* itself and multiplies by s afterwards. Activation pairs act on raw activations.
 
-Activation thresholds (DESIGN.md, "Activation binarization sees signed inputs"; ReActNet's RSign): with
+Activation thresholds (docs/contracts.md, "Binarized layers and surgery"; ReActNet's RSign): with
 `activation_placement="threshold"` a BWA/BWAA layer owns `act_threshold`, a learnable beta of one entry
 per channel of its input (dim -3 of a conv input, the last dim of a Linear input), and the activation
 pair acts on x - beta: forward F(x - beta), gradient B(x - beta) to x and -B(x - beta) to beta.
@@ -38,7 +38,7 @@ from pcpp.specs import activation_pair, make_quantizer  # noqa: F401  (make_quan
 SCALINGS = ("none", "layer", "channel")
 UNITS = ("scaled", "raw")
 ACCUMULATOR_BITS = (None, 8)
-# Where a binarized activation gets its signed input (DESIGN.md): a learnable per-channel threshold, the
+# Where a binarized activation gets its signed input (docs/contracts.md): a learnable per-channel threshold, the
 # model's block layout (pcpp.placement: hardtanh in place of the ReLU, or the sign before the ReLU), or
 # nothing ("none": sign(x) of the raw input, for inputs that are signed already).
 PLACEMENTS = ("threshold", "hardtanh", "pre_relu", "none")

@@ -1,5 +1,5 @@
-"""Activation placement: where a binarized activation gets a signed input (DESIGN.md, "Activation
-binarization sees signed inputs"; the paper's BWA / BWAA, section 4).
+"""Activation placement: where a binarized activation gets a signed input (docs/contracts.md, "Binarized
+layers and surgery"; the paper's BWA / BWAA, section 4).
 
 In a ReLU network every input of a binarized conv is >= 0, so sign() is +1 everywhere and the layer
 carries nothing. The placements:

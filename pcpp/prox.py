@@ -1,7 +1,7 @@
 """The proximal map L_rho^varrho of ProxConnect onto Q = {-1, +1} (paper section 2, Appendix A, eq. (10)).
 
 PC's forward quantizer (the `pc` pair) and the ProxQuant / reverse-PC update rules (pcpp.rules) all use
-this one map. The paper's printed middle pieces are garbled; DESIGN.md gives the intended map, written
+this one map. The paper's printed middle pieces are garbled; docs/contracts.md gives the intended map, written
 here once:
 
     q1+ = min(0, -1 + rho),  q2- = max(0, 1 - rho),  p- = max(-1, -varrho),  p+ = min(1, varrho)

@@ -1,7 +1,7 @@
 """Threshold calibration and the activation-balance guard (pcpp.calibration), on closed forms, on every
 timm family surgery accepts (tiny configs, random weights) and on the ResNet-20 teacher with CIFAR-10 images.
 
-DESIGN.md, "Activation binarization sees signed inputs": a binarized activation whose inputs all fall on
+docs/contracts.md, "Binarized layers and surgery": a binarized activation whose inputs all fall on
 one side of its threshold outputs a constant; the guard refuses it by name.
 """
 

@@ -1,6 +1,6 @@
 """Binarized layers (pcpp.layers) against their torch twins and references computed here from the definitions.
 
-References are written from DESIGN.md ("layers, surgery, tasks") and the paper's eq. (7): with a scale s,
+References are written from docs/contracts.md ("Binarized layers and surgery") and the paper's eq. (7): with a scale s,
 a weight pair acts in units of s (output s F(w*/s), gradient B(w*/s)); honest mode is s sign(w*) with
 sign(0) = +1; BWAA wraps the integer dot products of +-1 operands to 8-bit two's complement.
 """

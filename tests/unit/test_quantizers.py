@@ -1,4 +1,4 @@
-"""Forward/backward pairs against closed forms written independently here (DESIGN.md's table, in numpy).
+"""Forward/backward pairs against closed forms written independently here (docs/contracts.md's pair definitions and the pairs' docstrings, in numpy).
 
 Every test loops over the registry (`quantizers.names()`); the per-name tables below must have exactly
 the registry's keys, so a newly registered pair fails here until its closed form is written down.
@@ -21,7 +21,7 @@ PROGRESS = (0.0, 0.25, 0.5, 1.0)
 SQRT2 = math.sqrt(2.0)
 
 
-# ---- closed forms, numpy float64, written from DESIGN.md (not from the library) ----------------------
+# ---- closed forms, numpy float64, written from docs/contracts.md and the paper (not from the library) ----------------------
 
 def np_sign(w):
     return np.where(w >= 0, 1.0, -1.0)
@@ -38,7 +38,7 @@ def np_dss(w, mu):
 
 
 def np_prox(w, rho, varrho=0.0):
-    """L_rho^varrho of DESIGN.md: -1 | line (q1+,-1)->(0,p-) | jump to p+ | line (0,p+)->(q2-,1) | +1."""
+    """L_rho^varrho of docs/contracts.md: -1 | line (q1+,-1)->(0,p-) | jump to p+ | line (0,p+)->(q2-,1) | +1."""
     q1p, q2m = min(0.0, -1.0 + rho), max(0.0, 1.0 - rho)
     pm, pp = max(-1.0, -varrho), min(1.0, varrho)
     out = np.empty_like(w)
@@ -61,7 +61,7 @@ def ones(w, **_):
     return np.ones_like(w)
 
 
-# name -> (F(w, **params), B(w, **params)), the DESIGN.md table
+# name -> (F(w, **params), B(w, **params)), written from the pairs' definitions (docs/contracts.md, the paper's Table 1)
 CLOSED_FORMS = {
     "fp": (lambda w: w, ones),
     "bc": (lambda w: np_sign(w), ones),
@@ -86,7 +86,7 @@ def _rbnn_t(p):
     return 0.01 * 1000.0**p  # R-BNN: T_min = 1e-2, T_max = 1e1, log-linear
 
 
-# name -> default parameters at progress p (DESIGN.md's "default schedule" column); None: checked apart
+# name -> default parameters at progress p (the pairs' default schedules, section 4.1); None: checked apart
 DEFAULT_PARAMS = {
     "fp": lambda p: {},
     "bc": lambda p: {},

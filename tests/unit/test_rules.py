@@ -26,6 +26,9 @@ RULE_ENDS = {"pc++": "pair", "pq": "after_steps", "rpc": "after_finalize", "ptb"
 
 
 def test_rule_table_covers_the_registry():
+    missing = sorted(set(rule_names()) - set(RULE_ENDS))
+    assert not missing, (f"new update rule(s) {missing}: add each to RULE_ENDS here (when its final point is binary) "
+                         "and to ACTS below (the hooks it overrides), so these tests exercise it")
     assert set(RULE_ENDS) == set(rule_names())
     assert set(PCPP_PAIRS) <= set(names())
 
@@ -98,7 +101,7 @@ def _assert_binary(w):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-@pytest.mark.parametrize("name", [n for n in rule_names() if RULE_ENDS[n] != "pair"])
+@pytest.mark.parametrize("name", [n for n in rule_names() if RULE_ENDS.get(n, "pair") != "pair"])
 def test_rules_end_binary(problem, name, seed):
     w, opt = _train_rule(problem, name, seed)
     if RULE_ENDS[name] == "after_steps":
@@ -185,9 +188,14 @@ def test_rule_bad_parameters():
 
 
 # -- the hook interface the engine uses (RuleOptimizer), and the registry -------------------------------------
+ACTS = {"pc++": set(), "pq": {"after_step"}, "rpc": {"before_step", "finalize"}, "ptb": {"finalize"}}
+
+
 def test_acts_reports_the_overridden_hooks():
     acts = {n: {h for h in ("before_step", "after_step", "finalize") if get_rule(n).acts(h)} for n in rule_names()}
-    assert acts == {"pc++": set(), "pq": {"after_step"}, "rpc": {"before_step", "finalize"}, "ptb": {"finalize"}}
+    missing = sorted(set(acts) - set(ACTS))
+    assert not missing, f"new update rule(s) {missing}: add each to ACTS here with the hooks it overrides"
+    assert acts == ACTS
     with pytest.raises(ValueError, match="before_step"):
         get_rule("pq").acts("on_step")
 

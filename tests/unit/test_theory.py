@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 NAMES = names()
 PROGRESS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
-# DESIGN.md's expected verdicts (Corollary 1), at every progress
+# The expected verdicts (Corollary 1), at every progress
 ADMISSIBLE = {
     "fp": True, "bc": True, "pc": True, "bnn": True, "bnn+": False, "bnn++": True,
     "poly": False, "poly+": True, "rbnn": False, "ede": False, "ede+": True, "react": True,

@@ -1,7 +1,7 @@
 """Per-channel activation thresholds (ReActNet's RSign) in the binarized layers, for every activation pair.
 
-References are computed here from the definitions (DESIGN.md, "Activation binarization sees signed
-inputs"): the pair acts on x - beta, beta one entry per input channel, on dim -3 of a conv input and on
+References are computed here from the definitions (docs/contracts.md, "Binarized layers and surgery":
+the pair acts on x - beta, beta one entry per input channel, on dim -3 of a conv input and on
 the last dim of a Linear input; forward F(x - beta), gradient B(x - beta) to x and -sum B(x - beta) to beta.
 """
 
