@@ -1,4 +1,4 @@
-"""Local, loopback-only Ray and MLflow defaults (DESIGN.md "Running locally"), and path resolution.
+"""Local, loopback-only Ray and MLflow defaults (README, "Security: what listens where"), and path resolution.
 
 Loopback: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when `ray` is imported, into
 `ray._private.ray_constants.ENABLE_RAY_CLUSTER`; with it true (Linux's default) a node takes the

@@ -1,4 +1,4 @@
-"""Console verbosity of pcpp commands, through Ray's own mechanisms (DESIGN.md "Running locally").
+"""Console verbosity of pcpp commands, through Ray's own mechanisms (README, "Console output").
 
 Quiet (the default of `pcpp run / train / sweep`): the driver prints one line per stage start / end and per
 epoch, and errors; `--verbose` restores everything Ray forwards from its workers.
