@@ -4,13 +4,17 @@ Importing it emits one DeprecationWarning per process; attribute access is forwa
 `pcpp.nn.BinaryConv2d is pcpp.layers.BinaryConv2d`.
 """
 
+import types
 import warnings
 
 from pcpp import layers as _layers
 
 warnings.warn("pcpp.nn is now pcpp.layers; the old name goes in the next release", DeprecationWarning, stacklevel=2)
 
-__all__ = [n for n in vars(_layers) if not n.startswith("_")]
+# pcpp.layers' own public names: not the modules and __future__ features it imports (torch, nn, F, annotations)
+_FEATURE = type(__import__("__future__").annotations)
+__all__ = [n for n, v in vars(_layers).items()
+           if not n.startswith("_") and not isinstance(v, (types.ModuleType, _FEATURE))]
 
 
 def __getattr__(name: str):

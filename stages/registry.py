@@ -1,8 +1,8 @@
 """The stages, registered once: name, the typed config it receives, its function, the artifacts it reads.
 
-The stage contract (docs/contracts.md, "Stages and artifacts"): `run(cfg, inputs, out, ctx) -> metrics`, where `cfg` is an
-instance of the stage's own config type and nothing else, `inputs` maps input names to Artifacts, `out`
-is the directory it writes into, `ctx` the run's StageContext (root, MLflow, its cache key). The stage
+The stage contract (docs/contracts.md, "Stages and artifacts"): `run(cfg, inputs, out, ctx) -> metrics`,
+where `cfg` is an instance of the stage's own config type and nothing else, `inputs` maps input names to
+Artifacts, `out` is the directory it writes into, `ctx` the run's StageContext (root, MLflow, its cache key). The stage
 key is stages.artifact.stage_key(name, cfg, inputs): exactly the config the stage receives plus its
 inputs' digests, so a field a stage reads always changes its key.
 

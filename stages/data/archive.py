@@ -36,8 +36,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
+from cluster.progress import bar as tqdm
 from stages.data.sources import IMG_EXTENSIONS, Source, is_image, make_items
 
 # magic bytes -> opener of the decompressed stream; anything else is read as a plain tar

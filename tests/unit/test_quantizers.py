@@ -1,4 +1,5 @@
-"""Forward/backward pairs against closed forms written independently here (docs/contracts.md's pair definitions and the pairs' docstrings, in numpy).
+"""Forward/backward pairs against closed forms written independently here, in numpy (from docs/contracts.md's
+pair definitions and the paper's Table 1 / Appendix F).
 
 Every test loops over the registry (`quantizers.names()`); the per-name tables below must have exactly
 the registry's keys, so a newly registered pair fails here until its closed form is written down.
@@ -21,7 +22,7 @@ PROGRESS = (0.0, 0.25, 0.5, 1.0)
 SQRT2 = math.sqrt(2.0)
 
 
-# ---- closed forms, numpy float64, written from docs/contracts.md and the paper (not from the library) ----------------------
+# ---- closed forms, numpy float64, written from docs/contracts.md and the paper (not from the library) ----
 
 def np_sign(w):
     return np.where(w >= 0, 1.0, -1.0)
