@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.progress import bar as tqdm
+from tqdm import tqdm
+
 from pcpp import models
 from pcpp.sensitivity import blocks, scan, worst
 from pcpp.surgery import BinarizeSpec
@@ -116,8 +117,7 @@ def run(cfg: SensitivityConfig, inputs: dict[str, Artifact], out: Path, ctx: Sta
     bar = tqdm(total=len(patterns), desc="sensitivity", unit="block", disable=not ctx.extra.get("progress", True))
 
     def shown(row: dict) -> None:
-        # set_description: Ray's distributed tqdm (cluster.progress.bar in a quiet run) has no set_postfix
-        bar.set_description(f"sensitivity {row['block']} drop {100 * row.get('drop_bat', row['drop_ptb']):.1f}%")
+        bar.set_postfix(block=row["block"], drop=f"{100 * row.get('drop_bat', row['drop_ptb']):.1f}")
         bar.update()
 
     with bar:

@@ -36,7 +36,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from cluster.progress import bar as tqdm
+from tqdm import tqdm
+
 from stages.data.sources import IMG_EXTENSIONS, Source, is_image, make_items
 
 # magic bytes -> opener of the decompressed stream; anything else is read as a plain tar

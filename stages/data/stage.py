@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from cluster.progress import bar as tqdm
 from stages.data.archive import TarSource
 from stages.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardSink, install, load_manifest, verify
 from stages.data.sources import CifarSource, FolderSource, Source
