@@ -99,6 +99,13 @@ class UpdateRule:
         """Called once after training (PTB binarizes here)."""
 
 
+def prox_step(rule: UpdateRule, params: Iterable[torch.Tensor], progress: float, scale_of: ScaleFn | None) -> None:
+    """w <- s L_rho(w / s) in place for every latent, rho and varrho at `progress` (ProxQuant's, reverse PC's map)."""
+    v = rule.values(progress)
+    for p in params:
+        apply_scaled(p, scale_of, lambda x: prox_linear(x, v["rho"], v["varrho"]))
+
+
 @register
 class PCPlusPlus(UpdateRule):
     """PC++ (eq. 7): the pair does all the work; the optimizer steps the latent weights."""
@@ -115,9 +122,7 @@ class ProxQuant(UpdateRule):
     schedules = {"rho": linear(0.01, 10.0), "varrho": constant(0.0)}
 
     def after_step(self, params, progress, scale_of=None):
-        v = self.values(progress)
-        for p in params:
-            apply_scaled(p, scale_of, lambda x: prox_linear(x, v["rho"], v["varrho"]))
+        prox_step(self, params, progress, scale_of)
 
 
 @register
@@ -129,9 +134,7 @@ class ReversePC(UpdateRule):
     schedules = {"rho": linear(0.01, 10.0), "varrho": constant(0.0)}
 
     def before_step(self, params, progress, scale_of=None):
-        v = self.values(progress)
-        for p in params:
-            apply_scaled(p, scale_of, lambda x: prox_linear(x, v["rho"], v["varrho"]))
+        prox_step(self, params, progress, scale_of)
 
     def finalize(self, params, scale_of=None):
         """The point rPC evaluates is L_rho(w*) at the final rho (sign for rho >= 1), not the last step."""
