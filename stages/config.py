@@ -13,12 +13,15 @@ checkpoints) and the tracking settings of the run are filled in by the stage (st
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcpp.rules import rule_names
 from pcpp.schedules import LR_SCHEDULES
 from pcpp.surgery import BinarizeSpec
+from stages.hashing import digest
 from stages.schema import (  # noqa: F401  (re-exported: the pipeline and sweep configs use them)
     DEEPSPEED,
     PATH,
@@ -99,6 +102,15 @@ class DistillConfig:
     alpha: float = 1.0
 
 
+# How a run is carried out, not what it computes: where its checkpoints live, how often Ray restarts its
+# workers, how it places them. Left out of TrainConfig.digest() (the run directory of `pcpp train`), so
+# that a relaunch with another storage path or failure budget finds the same run (see `keyed_dict`).
+RUNTIME = {"runtime": True}
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's ScalingConfig strategies
+# pyarrow filesystems Ray Train's storage_path accepts by URI scheme (a plain path is a local / mounted one)
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
 @dataclass
 class DistributedConfig:
     num_workers: int = 1
@@ -106,12 +118,51 @@ class DistributedConfig:
     # A preset shipped in cluster/deepspeed/ (cpu: fp32 ZeRO-1; v100: fp16 + ZeRO-2) or a JSON file's path.
     deepspeed: str = field(default="cpu", metadata=DEEPSPEED)
     zero_stage: int | None = None  # overrides the file's ZeRO stage when set
+    # Ray Train's RunConfig(storage_path): where every epoch's checkpoint is persisted. None: under the run
+    # directory (inside the run root); on a cluster a mount every node sees, or a URI (s3://bucket/prefix).
+    storage_path: str | None = field(default=None, metadata={**URI, **RUNTIME})
+    # FailureConfig(max_failures): worker-group restarts from the last checkpoint (-1: no limit, 0: none)
+    max_failures: int = field(default=2, metadata=RUNTIME)
+    checkpoints_to_keep: int = field(default=2, metadata=RUNTIME)  # CheckpointConfig(num_to_keep)
+    placement_strategy: str = field(default="PACK", metadata=RUNTIME)  # ScalingConfig(placement_strategy)
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ValueError(f"distributed.num_workers must be >= 1, got {self.num_workers}")
         if self.zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.max_failures < -1:
+            raise ValueError(f"distributed.max_failures must be -1 (no limit), 0 (no restart) or more, got "
+                             f"{self.max_failures}")
+        if self.checkpoints_to_keep < 1:
+            raise ValueError(f"distributed.checkpoints_to_keep must be >= 1 (a resume needs the last one), got "
+                             f"{self.checkpoints_to_keep}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"unknown distributed.placement_strategy {self.placement_strategy!r}; valid: "
+                             f"{', '.join(PLACEMENT_STRATEGIES)}")
+        if self.storage_path is not None:
+            check_storage_path(self.storage_path)
+
+
+def check_storage_path(value: str) -> str:
+    """A local path or a URI of a filesystem pyarrow has (s3://, gs://, hdfs://, ...); ValueError otherwise."""
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if not value.strip() or (scheme and scheme not in STORAGE_SCHEMES):
+        raise ValueError(f"distributed.storage_path {value!r} is neither a path nor a URI of a known filesystem; "
+                         f"valid schemes: {', '.join(STORAGE_SCHEMES)} (or a path, e.g. a shared mount)")
+    return value
+
+
+def keyed_dict(obj) -> dict:
+    """A config dataclass as plain data without its RUNTIME fields (what it computes, not how it runs)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("runtime"):
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = keyed_dict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) \
+            else copy.deepcopy(value)
+    return out
 
 
 @dataclass
@@ -150,6 +201,10 @@ class TrainConfig(ConfigDocument):
     def upgrade(cls, data: dict, where: str) -> dict:
         """The key `pipeline: ft | e2e` of earlier releases, read as `init: teacher | random`."""
         return renamed(data, where, "pipeline", "init", INIT_OF_PIPELINE)
+
+    def digest(self) -> str:
+        """A short digest of what the run computes (RUNTIME fields left out): names its run directory."""
+        return digest(keyed_dict(self))
 
     def validate_inputs(self) -> None:
         """The checkpoints this run reads are named: a teacher to fine-tune from and to distil from.

@@ -2,7 +2,8 @@
 
 Each failure is one line naming the value and what would work: missing inputs, an epoch without a
 single batch, a batch that does not split over the workers, and a resume from a DeepSpeed checkpoint
-written with another ZeRO stage or world size (DeepSpeed would fail deep inside `load_checkpoint`).
+written with another ZeRO stage or world size (DeepSpeed would fail deep inside `load_checkpoint`), found
+in the run's Ray storage (stages.storage) or, for runs of earlier releases, in `<run dir>/checkpoints`.
 """
 
 from __future__ import annotations
@@ -84,9 +85,12 @@ def checkpoint_layout(run_dir: Path) -> tuple[str, int, int] | None:
     return tag, zero_stage(state.get("ds_config") or {}), int(state.get("dp_world_size", 1))
 
 
-def check_resume(run_dir: Path, ds_config: dict, world: int) -> None:
-    """A rerun resumes only a checkpoint of the same ZeRO stage and world size (DeepSpeed shards by both)."""
-    layout = checkpoint_layout(run_dir)
+def check_resume(run_dir: Path, ds_config: dict, world: int, layout: tuple[str, int, int] | None = None) -> None:
+    """A rerun resumes only a checkpoint of the same ZeRO stage and world size (DeepSpeed shards by both).
+
+    `layout` is (tag, ZeRO stage, world size) of the run's latest checkpoint when the caller found it (in Ray's
+    storage: stages.storage.stored_state); default: the run directory's own DeepSpeed checkpoint."""
+    layout = layout or checkpoint_layout(run_dir)
     if layout is None:
         return
     tag, stage0, world0 = layout

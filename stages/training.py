@@ -6,16 +6,20 @@ Used by binarized pre-training, FT, E2E and the Tune sweeps alike, inside a Ray 
 Per step: the schedules move to progress = step / (total steps - 1) (pcpp.schedules.progress_at), the
 learning rate follows pcpp.schedules.learning_rate, the update rule's hooks run around DeepSpeed's step
 through their interface (pcpp.rules.RuleOptimizer: before_step / after_step, then finalize once), never by
-the rule's name. Per epoch: honest binarized evaluation (pcpp.evaluation), metrics to MLflow (rank 0,
-stages.tracking), a DeepSpeed checkpoint under the run directory. A non-finite loss or weight ends the
+the rule's name. Per epoch: honest binarized evaluation (pcpp.evaluation), a DeepSpeed checkpoint (every
+rank its shard) committed through `report` (Ray Train persists it in the run's storage, stages.storage),
+then metrics to MLflow and epochs.jsonl (rank 0, stages.tracking). A non-finite loss or weight ends the
 run with status `diverged` and a one-line message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from pcpp.rules import RuleOptimizer, UpdateRule, get_rule
 from pcpp.schedules import learning_rate, progress_at
 from stages.config import TrainConfig
 from stages.preflight import CHECKPOINTS
+from stages.storage import STATE, Fault, record_start
 from stages.tracking import Run
 
 RESULT = "result.json"
@@ -205,20 +210,32 @@ class EpochStats:
 class TrainingRun:
     """One worker (rank `rank` of `world_size`) of a training run whose files live in `run_dir`.
 
-    `report(metrics)` receives each epoch's metrics (Ray Train's `ray.train.report` in a worker); `run`, when
-    given, is the MLflow run rank 0 logs to (stages.tracking.Run). Resumes from the run directory's last
-    DeepSpeed checkpoint. torch.distributed must be initialised (Ray Train does it in its workers).
+    `report(metrics, checkpoint_dir)` receives each epoch's metrics and this rank's checkpoint directory
+    (in a Ray Train worker: `ray.train.report` with a Checkpoint, the commit point of the epoch; the
+    directory may be removed once it returns), and the metrics of a diverged run without a directory.
+    `resume_from` is the checkpoint to resume from (`ray.train.get_checkpoint()`: anything with
+    `as_directory()`, or a local directory); `persist=True` saves each epoch's checkpoint into a temporary
+    directory for `report` to persist, `persist=False` (no Ray) into `run_dir/checkpoints`, which is then also
+    what a rerun resumes from. `run`, when given, is the MLflow run rank 0 logs to (stages.tracking.Run).
+    `fault` is the test hook of stages.storage; `launch` and `node` go into starts.jsonl (restart counts).
+    torch.distributed must be initialised (Ray Train does it in its workers).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, rank: int = 0, world_size: int = 1,
-                 run: Run | None = None, report: Callable[[dict], None] | None = None):
+                 run: Run | None = None, report: Callable[..., None] | None = None, resume_from=None,
+                 persist: bool = False, fault: dict | None = None, launch: str | None = None,
+                 node: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank, self.world = rank, world_size
         self.tracker = run if rank == 0 else None
-        self.report = report or (lambda metrics: None)
+        self.report = report or (lambda metrics, checkpoint_dir=None: None)
+        self.resume_from, self.persist = resume_from, persist
+        self.fault = Fault(fault, rank, node)
+        self.launch, self.node = launch, node
         self.status, self.message = "finished", ""
         self.metrics: dict = {}
+        self.history: list[dict] = []  # {"epoch", **metrics} of every completed epoch, saved with checkpoints
         self.start_epoch = self.step = 0
         self.progress = 0.0
 
@@ -256,17 +273,43 @@ class TrainingRun:
         self.rules = RuleOptimizer(optimizer, rule, layers.binarized_params(self.module),
                                    layers.scale_of(self.module), sync=lambda: sync_masters(self.engine))
         self.total_steps = len(self.train_loader) * cfg.optim.epochs
-        if (self.checkpoints / "latest").exists():
-            _, state = self.engine.load_checkpoint(str(self.checkpoints))
-            self.start_epoch, self.step = state["epoch"], state["step"]
+        self.restore()
+        record_start(self.run_dir, self.launch, rank, self.node, self.start_epoch)
         if balance is not None and rank == 0:
             record_balance(balance, activation_placement(self.module), self.run_dir, self.tracker)
-        history = self.run_dir / HISTORY
         # A rerun of a finished (or interrupted) run reports the metrics of its last completed epoch.
-        if history.exists() and self.start_epoch:
-            self.metrics = json.loads(history.read_text().splitlines()[-1])
-            self.metrics.pop("epoch", None)
+        if self.history:
+            self.metrics = {k: v for k, v in self.history[-1].items() if k != "epoch"}
         self.progress = progress_at(self.step, self.total_steps)
+
+    def restore(self) -> None:
+        """Load the checkpoint to resume from (`resume_from`, else the run directory's own), if any; rank 0
+        then makes epochs.jsonl and MLflow hold exactly the checkpoint's epochs (an epoch committed by a
+        worker group that died before logging it is logged now; nothing is logged twice)."""
+        if self.resume_from is not None:
+            where = self.resume_from.as_directory() if hasattr(self.resume_from, "as_directory") \
+                else contextlib.nullcontext(self.resume_from)
+        elif (self.checkpoints / "latest").exists():
+            where = contextlib.nullcontext(self.run_dir)
+        else:
+            where = None
+        logged = [json.loads(x) for x in (self.run_dir / HISTORY).read_text().splitlines()] \
+            if (self.run_dir / HISTORY).exists() else []
+        if where is not None:
+            with where as directory:
+                ckpt = Path(directory) / CHECKPOINTS
+                _, state = self.engine.load_checkpoint(str(ckpt))
+                saved = ckpt / STATE
+                # a checkpoint of an earlier release has no history: its epochs are those logged
+                self.history = json.loads(saved.read_text())["history"] if saved.exists() else None
+            self.start_epoch, self.step = state["epoch"], state["step"]
+            self.history = logged[: self.start_epoch] if self.history is None else self.history
+        if self.rank == 0 and [h["epoch"] for h in logged] != [h["epoch"] for h in self.history]:
+            done = {h["epoch"] for h in logged}
+            for h in self.history:
+                if h["epoch"] not in done and self.tracker is not None:
+                    self.tracker.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
+            (self.run_dir / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in self.history))
 
     @property
     def checkpoints(self) -> Path:
@@ -291,7 +334,8 @@ class TrainingRun:
         loss_sum = correct = seen = 0.0
         bar = progress_bar(desc=f"{self.cfg.name} epoch {epoch + 1}/{self.cfg.optim.epochs}", unit="step",
                            total=len(self.train_loader), disable=self.rank != 0)  # one live bar (cluster.progress)
-        for x, y in self.train_loader:
+        for i, (x, y) in enumerate(self.train_loader):
+            self.fault.at(epoch, i)
             self.progress = progress_at(self.step, self.total_steps)  # the last step runs at the schedules' end
             layers.set_progress(self.module, self.progress)
             self.rules.set_progress(self.progress)
@@ -347,10 +391,19 @@ class TrainingRun:
         return metrics
 
     # -- checkpoints and logs ----------------------------------------------------------------------------
-    def save_checkpoint(self, epoch: int) -> None:
-        """The DeepSpeed checkpoint of a completed epoch (every rank its shard), resumable by `setup`."""
-        self.engine.save_checkpoint(str(self.checkpoints), tag=f"epoch-{epoch + 1:04d}",
+    def save_checkpoint(self, epoch: int) -> Path:
+        """The checkpoint of a completed epoch: DeepSpeed's (every rank its shard) under `<dir>/checkpoints`,
+        with pcpp_checkpoint.json (rank 0); `<dir>` is a new temporary directory with `persist`, else the run
+        directory. Returns `<dir>`, resumable by `setup`."""
+        target = Path(tempfile.mkdtemp(prefix=f"pcpp-ckpt-{self.rank}-")) if self.persist else self.run_dir
+        self.engine.save_checkpoint(str(target / CHECKPOINTS), tag=f"epoch-{epoch + 1:04d}",
                                     client_state={"epoch": epoch + 1, "step": self.step})
+        if self.rank == 0:
+            (target / CHECKPOINTS / STATE).write_text(json.dumps({
+                "epoch": epoch + 1, "step": self.step, "tag": f"epoch-{epoch + 1:04d}",
+                "zero_stage": int(self.engine.zero_optimization_stage()), "world_size": self.world,
+                "history": self.history}))
+        return target
 
     def log_epoch(self, epoch: int, metrics: dict) -> None:
         if self.rank == 0:
@@ -361,7 +414,6 @@ class TrainingRun:
             g = {k: metrics.get(k, math.nan) for k in ("loss", "binary_acc", "forward_acc", "epoch_time_s")}
             print(f"{self.cfg.name} epoch {epoch + 1}/{self.cfg.optim.epochs}: loss {g['loss']:.4f}, binary acc "
                   f"{g['binary_acc']:.4f}, forward acc {g['forward_acc']:.4f}, {g['epoch_time_s']:.1f} s", flush=True)
-        self.report({"epoch": epoch + 1, **metrics})
 
     def weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.module.parameters())
@@ -380,8 +432,12 @@ class TrainingRun:
             if epoch == epochs - 1:  # ptb binarizes here, rpc applies its final map
                 self.rules.finalize()
             self.metrics = self.epoch_metrics(stats, signs_before)
-            self.save_checkpoint(epoch)
-            self.log_epoch(epoch, self.metrics)
+            self.history.append({"epoch": epoch + 1, **self.metrics})
+            saved = self.save_checkpoint(epoch)
+            self.report({"epoch": epoch + 1, **self.metrics}, saved)  # the commit point of the epoch
+            if self.persist:
+                shutil.rmtree(saved, ignore_errors=True)
+            self.log_epoch(epoch, self.metrics)  # after the commit: a restart never logs an epoch twice
             if fail_after_epoch == epoch + 1:
                 raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 

@@ -18,7 +18,9 @@ import pytest
 from pipelines.config import PipelineConfig
 from stages import registry
 from stages.artifact import Artifact, stage_key
-from stages.config import build
+from stages.config import DistributedConfig, TrainConfig, build
+
+RUNTIME_KEYS = [f.name for f in dataclasses.fields(DistributedConfig) if f.metadata.get("runtime")]
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +49,10 @@ READERS = {
     "train.seed": TRAINING, "train.init": {"train"},
     "sensitivity.enabled": set(), "export.enabled": set(),  # which stages run, not what they compute
     "tracking.experiment": set(), "tracking.tracking_uri": set(),  # the run's MLflow store, given as context
+    # How a training run is carried out (stages.config.RUNTIME: checkpoint storage, restarts, placement): not
+    # what it computes, so TrainConfig.digest() (a `pcpp train` run directory) leaves them out; the stage key
+    # still hashes them, as stages.artifact.config_dict hashes every field of a stage's config.
+    **{f"distributed.{k}": TRAINING for k in RUNTIME_KEYS},
 }
 # new values for leaves whose type does not give one (a choice among names, a spec); a tuple: the first
 # alternative that differs from the current value
@@ -60,6 +66,7 @@ CHANGED = {
     "train.optim.name": "sgd", "train.optim.lr_schedule": "constant",
     "sensitivity.weight": "bnn", "sensitivity.activation": "bnn++", "sensitivity.scaling": "channel",
     "sensitivity.blocks": ["layer1.0"], "distributed.deepspeed": "v100", "distributed.zero_stage": 2,
+    "distributed.placement_strategy": "SPREAD", "distributed.storage_path": "s3://bucket/checkpoints",
     "tracking.tracking_uri": "sqlite:///x.db",
 }
 
@@ -203,3 +210,13 @@ def test_which_stages_run_follows_the_enabled_flags():
     assert _base().enabled() == registry.names()
     off = _base(pretrain={"enabled": False}, sensitivity={"enabled": False, "weight": "bnn++"})
     assert off.enabled() == ["data", "teacher", "train", "export"]
+
+
+def test_runtime_settings_leave_the_run_directory_of_pcpp_train_alone():
+    """A relaunch with another storage path, failure budget or placement finds the same run directory."""
+    assert RUNTIME_KEYS == ["storage_path", "max_failures", "checkpoints_to_keep", "placement_strategy"]
+    cfg = build(TrainConfig, {"init": "random"})
+    for key in RUNTIME_KEYS:
+        other = with_leaf(cfg, f"distributed.{key}", changed(f"distributed.{key}", getattr(cfg.distributed, key)))
+        assert other != cfg and other.digest() == cfg.digest(), key
+    assert with_leaf(cfg, "distributed.num_workers", 2).digest() != cfg.digest()
