@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcpp import layers as pnn
+from pcpp.calibration import calibrate_thresholds_
 from pcpp.evaluation import accuracy
 from pcpp.schedules import progress_at
 from pcpp.surgery import BinarizeSpec, binarize_, first_and_head
@@ -128,6 +129,7 @@ def scan(
     lr: float = 1e-4,
     device: str | torch.device | None = None,
     on_row: Callable[[dict], None] | None = None,
+    calibration_batches: Iterable | None = None,
 ) -> list[dict]:
     """Binarize one block at a time of a fresh `model_factory()` and measure the accuracy drop.
 
@@ -137,6 +139,12 @@ def scan(
     drop_bat). `on_row(row)` is called after each block (a progress display). Raises ValueError for an
     unknown quantizer or scaling, negative bat_steps, bat_steps without a bat_loader, no blocks, or a test
     loader without samples. Device: `device`, else CUDA when available, else CPU.
+
+    With an `activation` pair, a block whose binarized layers binarize x - beta (activation_placement
+    "threshold", e.g. any transformer) gets its thresholds calibrated at the per-channel median of its
+    inputs (pcpp.calibration) on `calibration_batches` (a few training batches, inputs or (inputs, labels))
+    before PTB, as fine-tuning does; ValueError when they are needed and not given (beta = 0 on a post-ReLU
+    or post-GELU input would make the sign constant and the drop meaningless).
     """
     if bat_steps < 0:
         raise ValueError(f"bat_steps must be >= 0, got {bat_steps}")
@@ -149,11 +157,18 @@ def scan(
         "cuda" if torch.cuda.is_available() else "cpu")
 
     acc_fp = accuracy(model_factory().to(device), test_loader, device)
+    calibration = None if calibration_batches is None else [
+        b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
     rows = []
     for block in blocks:
         model = model_factory()
         report = binarize_(model, BinarizeSpec(**{**asdict(spec), "include": [block]}))
         model.to(device)
+        if any(layer.act_threshold is not None for _, layer in pnn.binary_layers(model)):
+            if not calibration:
+                raise ValueError(f"block {block!r} binarizes activations against thresholds (activation_placement "
+                                 "'threshold'): give calibration_batches (a few training batches) to set them")
+            calibrate_thresholds_(model, calibration)
         acc_ptb = accuracy(model, test_loader, device)
         row = {"block": block, "layers_binarized": len(report.binarized), "params_binarized": report.binary_params,
                "acc_fp": acc_fp, "acc_ptb": acc_ptb, "drop_ptb": acc_fp - acc_ptb}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import re
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from stages.plots import heatmap
 
 CSV_NAME = "sensitivity.csv"
 PNG_NAME = "sensitivity.png"
+CALIBRATION_BATCHES = 4  # training batches the thresholds of a BWA scan are calibrated on
 
 __all__ = ["CSV_NAME", "PNG_NAME", "SensitivityConfig", "run", "write_csv"]
 
@@ -112,6 +114,10 @@ def run(cfg: SensitivityConfig, inputs: dict[str, Artifact], out: Path, ctx: Sta
     limit = None if cfg.eval_limit is None else min(cfg.eval_limit, manifest["num_samples"])
     test_loader = make_loader(test_dir, batches, train=False, epoch_length=limit)
     bat_loader = make_loader(data / "train", batches, train=True) if cfg.bat_steps else None
+    calibration = None
+    if cfg.activation is not None:  # thresholds of BWA blocks: the channel medians on 4 training batches
+        calibration = list(itertools.islice(iter(make_loader(data / "train", batches, train=False)),
+                                            CALIBRATION_BATCHES))
 
     patterns = cfg.blocks if cfg.blocks is not None else blocks(template)
     bar = tqdm(total=len(patterns), desc="sensitivity", unit="block", disable=not ctx.extra.get("progress", True))
@@ -123,7 +129,7 @@ def run(cfg: SensitivityConfig, inputs: dict[str, Artifact], out: Path, ctx: Sta
     with bar:
         rows = scan(lambda: copy.deepcopy(template), patterns, test_loader, weight=cfg.weight,
                     activation=cfg.activation, scaling=cfg.scaling, bat_loader=bat_loader, bat_steps=cfg.bat_steps,
-                    lr=cfg.bat_lr, on_row=shown)
+                    lr=cfg.bat_lr, on_row=shown, calibration_batches=calibration)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -118,3 +118,36 @@ def test_scan_rows():
         assert r["drop_bat"] == pytest.approx(r["acc_fp"] - r["acc_bat"])
     with pytest.raises(ValueError, match="bat_loader"):
         scan(factory, ["body.0"], batches, bat_steps=1)
+
+
+def test_bwa_scan_calibrates_thresholds_on_the_given_batches(monkeypatch):
+    """A BWA scan of a post-ReLU block (threshold placement on a plain model) sets beta at the channel median
+    of the block's input before PTB, so that its honest sign is not constant; without batches it refuses."""
+    import pcpp.sensitivity as sens
+
+    def factory():
+        torch.manual_seed(0)
+        return _Plain()
+
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 3, 10, 10, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    seen = []
+
+    def accuracy(model, loader, device):  # records what PTB evaluates, then evaluates it
+        layer = model.get_submodule("body.3.0")  # the conv of block body.3
+        if getattr(layer, "act_threshold", None) is not None:
+            with torch.no_grad():
+                x = model.body[:3](model.stem(batches[0][0]))  # body.3's input: >= 0 after the ReLU
+            beta = layer.act_threshold.detach().clone()
+            seen.append((beta, float((x < beta.view(1, -1, 1, 1)).double().mean())))
+        return original(model, loader, device)
+
+    original = sens.accuracy
+    monkeypatch.setattr(sens, "accuracy", accuracy)
+    rows = scan(factory, ["body.3"], batches, activation="bnn", calibration_batches=batches[:1])
+    assert [r["block"] for r in rows] == ["body.3"] and len(seen) == 1
+    beta, below = seen[0]
+    assert (beta > 0).all()  # the medians of post-ReLU channels, not the E2E beta = 0
+    assert 0.3 < below < 0.7
+    with pytest.raises(ValueError, match="calibration_batches"):
+        scan(factory, ["body.3"], batches, activation="bnn")
