@@ -203,3 +203,19 @@ def test_relative_mlflow_tracking_uri_in_the_environment_is_made_absolute(tmp_pa
     assert absolute_uri("file:mlruns") == (tmp_path / "mlruns").as_uri()
     for kept in ("sqlite:////abs/x.db", "http://127.0.0.1:5000", "file:///abs/mlruns", "databricks"):
         assert absolute_uri(kept) == kept
+
+
+def test_the_demo_configs_commented_bwa_variant_is_a_valid_config(tmp_path):
+    """demo.yaml's commented BWA lines, uncommented in place of its BW binarize line, load as BWA / BWAA."""
+    from pipelines.config import load_pipeline
+    lines = (REPO / "pipelines" / "configs" / "demo.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# binarize: {"))
+    variant = [lines[start][2:], lines[start + 1][2:]]
+    assert variant[1].lstrip().endswith("}")  # the variant is the two commented lines
+    body = [line for line in lines if not line.startswith("binarize:")]
+    (tmp_path / "bwa.yaml").write_text("\n".join(body + variant) + "\n")
+    spec = load_pipeline(tmp_path / "bwa.yaml").binarize
+    assert spec.activation == "bnn++" and spec.activation_placement == "auto" and spec.accumulator_bits is None
+    (tmp_path / "bwaa.yaml").write_text("\n".join(body + variant[:1] + [variant[1][:-1] + ", accumulator_bits: 8}"])
+                                        + "\n")
+    assert load_pipeline(tmp_path / "bwaa.yaml").binarize.accumulator_bits == 8
