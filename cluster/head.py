@@ -14,6 +14,9 @@ written by a local ray.init(); the head's mode is made explicit here so that it 
 Stopping is exact: `ray start` runs in a new session, every process of the head (GCS, raylet, dashboard,
 agents, workers) inherits that session id, and `stop_head` signals those processes by pid. `ray stop`
 is not used because it stops every Ray process of the user on the machine, found by name.
+
+`start_worker_node` joins a second node on 127.0.0.1 (its own temp dir, custom resources; cluster/node.py)
+to such a head: a multi-node cluster on one machine, for tests of placement and of losing a node.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def client_env(address: str | None = None) -> dict[str, str]:
 
 
 def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os.PathLike | None = None, *,
-               port: int | None = None, timeout: float = 90.0) -> str:
+               port: int | None = None, timeout: float = 90.0, env: dict[str, str] | None = None) -> str:
     """Start a Ray head bound to 127.0.0.1 and wait until its dashboard answers; returns its address.
 
     The address (`http://127.0.0.1:<dashboard_port>`) is what `ray job submit --address` and RAY_ADDRESS
@@ -139,6 +142,7 @@ def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os
     short directory under /tmp, removed again by `stop_head`; a given one must be at most
     MAX_TEMP_DIR_CHARS characters long (Ray's socket paths) and is kept. Token authentication is on when
     this user has a Ray token (as `ray start` decides by itself), off otherwise; see `client_env()`.
+    `env` adds variables to the head's environment (Ray's RAY_* system settings, e.g. health checks).
     """
     if _port_in_use(dashboard_port):
         raise RuntimeError(f"{LOOPBACK}:{dashboard_port} is already in use: pass another dashboard_port "
@@ -161,7 +165,7 @@ def start_head(num_cpus: int = 4, dashboard_port: int = 8265, temp_dir: str | os
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            f"--temp-dir={tmp}", "--disable-usage-stats"]
     auth_mode = "token" if _has_token() else "disabled"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, **(env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": auth_mode}
     env.pop("RAY_ADDRESS", None)
     log = tmp / "ray-start.log"
@@ -262,4 +266,74 @@ def stop_head(address: str | None = None, timeout: float = 15.0) -> None:
             shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
+# -- a second node on this machine ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerNode:
+    """One node started by `start_worker_node`: its processes share the session of its `ray start`."""
+
+    gcs_address: str
+    temp_dir: str
+    session_id: int
+    resources: dict
+
+    def processes(self):
+        """The node's live processes (raylet, its agents, its Ray workers), by session id."""
+        return _session_processes(self.session_id)
+
+    def raylet(self):
+        return next((p for p in self.processes() if _name(p) == "raylet"), None)
+
+
+_NODES: list[WorkerNode] = []
+
+
+def start_worker_node(gcs_address: str, num_cpus: int = 1, resources: dict | None = None, *,
+                      timeout: float = 90.0, env: dict[str, str] | None = None) -> WorkerNode:
+    """Join a second Ray node on 127.0.0.1 to the head at `gcs_address`, with its own temp dir and custom
+    `resources`; returns when the node has started (its raylet registered with the GCS).
+
+    `ray start --address` cannot do this on loopback (see cluster/node.py, which starts the node the way
+    `ray start` does after its checks). For tests of placement and node loss: stop it with
+    `stop_worker_node` (its processes by session id), or kill its raylet (`WorkerNode.raylet()`) to lose it.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="pcpp-n-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    cmd = [sys.executable, "-m", "cluster.node", f"--address={gcs_address}", f"--num-cpus={num_cpus}",
+           f"--resources={json.dumps(resources or {})}", f"--temp-dir={tmp}",
+           f"--dashboard-agent-listen-port={free_port()}"]
+    head = next((h for h in _HEADS.values() if h.gcs_address == gcs_address), None)
+    run_env = {**os.environ, **(env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_AUTH_MODE": head.auth_mode if head else ("token" if _has_token() else "disabled"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    run_env.pop("RAY_ADDRESS", None)
+    log = tmp / "node-start.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=run_env,
+                                start_new_session=True)
+        node = WorkerNode(gcs_address=gcs_address, temp_dir=str(tmp), session_id=proc.pid,
+                          resources=dict(resources or {}))
+        _NODES.append(node)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+    if rc != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        stop_worker_node(node)
+        what = "timed out" if rc is None else f"exited with {rc}"
+        raise RuntimeError(f"starting a node joined to {gcs_address} {what}; it said:\n{tail}")
+    return node
+
+
+def stop_worker_node(node: WorkerNode | None = None, timeout: float = 15.0) -> None:
+    """Stop `node` (default: every node started here): raylet first, then the rest; its temp dir removed."""
+    nodes = [node] if node is not None else list(_NODES)
+    for n in nodes:
+        if n in _NODES:
+            _NODES.remove(n)
+        _terminate([p for p in n.processes() if _name(p) == "raylet"], timeout / 2)
+        _terminate(n.processes(), timeout / 2)
+        shutil.rmtree(n.temp_dir, ignore_errors=True)
+
+
 atexit.register(stop_head)  # a head must not outlive a test session that forgot (or failed) to stop it
+atexit.register(stop_worker_node)  # registered last, so it runs first: a node goes before its head
