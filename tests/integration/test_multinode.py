@@ -106,7 +106,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 def test_losing_the_second_node_mid_epoch_the_run_finishes_from_the_shared_storage(two_nodes, tiny_shards, tmp_path):
     head, gcs, node, node2 = two_nodes
-    storage = tmp_path / "shared"  # every node of this machine sees it, as a shared mount on a cluster
+    storage = tmp_path / "storage"  # every node of this machine sees it, as a shared mount on a cluster
     runs = {}
     for name in ("straight", "lost"):
         cfg = config(tiny_shards, tmp_path / name, storage)
