@@ -4,7 +4,10 @@ The Tune-calls-Train pattern: each trial runs the one training engine (a TorchTr
 workers) and forwards its per-epoch reports to Tune (TuneReportCallback), so ASHA can stop weak trials
 early. The data and teacher stages of the base pipeline run once (cached) and every trial reads them.
 Each trial is an MLflow run nested under the sweep's run; the best configuration is written as a
-pipeline YAML that `pcpp run` accepts.
+pipeline YAML that `pcpp run` accepts. Failures are handled inside a trial, by the engine: the base
+pipeline's `distributed.max_failures` / `storage_path` / `checkpoints_to_keep` apply to every trial's
+TorchTrainer, so a trial whose worker dies is restarted by Ray Train from its last reported epoch (its
+checkpoints under the trial's run directory, or `storage_path`) and Tune sees each epoch once.
 """
 
 from __future__ import annotations
