@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pipelines.runner import run as run_pipeline
 from stages import tracking
 from stages.config import PATH, ConfigError, absolute, apply_overrides, build, read_yaml
 from stages.engine import EPOCH_METRICS
+from stages.storage import FAULT_ENV, restarts
 from stages.tracking import one_line
 
 SEARCHABLE = ("mu0", "muT", "rho0", "rhoT", "lr")
@@ -157,6 +159,8 @@ def _trial(config: dict, *, setup: dict) -> None:
     from stages.train import bind
 
     values, sample = config["trial"]["values"], config["trial"]["sample"]
+    if setup.get("fault"):  # the driver's test hook (stages.storage), for the engine inside this trial
+        os.environ[FAULT_ENV] = setup["fault"]
     pc = build(PipelineConfig, apply_trial(setup["base"], values))
     inputs = {k: load_artifact(Path(v)) for k, v in setup["inputs"].items()}  # data and teacher: no pretrain
     ctx = StageContext(root=Path(setup["root"]), tracking_uri=setup["tracking_uri"],
@@ -248,7 +252,7 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
                 for k, r in cfg.search.items()} for _ in range(cfg.num_samples)]
     setup = {"base": base.to_dict(), "epochs": cfg.epochs, "root": str(root), "tracking_uri": uri,
              "inputs": {k: str(a.path) for k, a in prefix.artifacts.items()}, "parent_run_id": parent,
-             "sweep_name": name}
+             "sweep_name": name, "fault": os.environ.get(FAULT_ENV)}
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": TRIAL_CPU})
     tuner = tune.Tuner(
         trainable,  # the search space is the samples alone; what every trial shares goes in `setup`
@@ -323,6 +327,9 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Pa
         client.set_tag(run.info.run_id, "pcpp.status", status)
         client.set_tag(run.info.run_id, "pcpp.epochs_done", str(epochs))
         client.set_tag(run.info.run_id, "pcpp.stopped_early", str(status == "stopped").lower())
+        # Ray Train's restarts of the trial's workers (the trial may be ended by Tune before its engine tags it)
+        trial_dir = sweep_dir / run.data.tags.get("pcpp.trial", "?")
+        client.set_tag(run.info.run_id, "pcpp.restarts", str(restarts(trial_dir)))
         if error:
             client.set_tag(run.info.run_id, "pcpp.message", error[:5000])
         client.set_terminated(run.info.run_id, {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED"))

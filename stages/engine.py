@@ -5,7 +5,7 @@ Used by binarized pre-training, FT, E2E and the Tune sweeps alike. Each worker r
 recipe shape): schedules at progress_at(step, total steps), the rule's hooks around DeepSpeed's step through
 pcpp.rules.RuleOptimizer, honest binarized evaluation per epoch (pcpp.evaluation), every rank's DeepSpeed
 shard reported to Ray Train as the epoch's checkpoint (persisted under `distributed.storage_path`, at most
-`distributed.checkpoints_to_keep` kept; stages.storage), then metrics to MLflow on rank 0 (stages.tracking).
+`distributed.checkpoints_to_keep` kept; stages.storage), metrics to MLflow on rank 0 (stages.tracking).
 Ray restarts a worker group that lost a worker (`distributed.max_failures` times) from the last reported
 epoch, and a rerun with the same run directory resumes there too (`ray.train.get_checkpoint()`); the MLflow
 run shows every epoch once and its restarts in the tag `pcpp.restarts`. A non-finite loss or weight ends
@@ -88,7 +88,7 @@ def train_worker(config: dict) -> None:
                              checkpoint_dir_name=checkpoint_dir_name(int(metrics["epoch"])))
             # Committed only once the controller has every rank's report: a worker killed before that would
             # lose the epoch (measured: a SIGKILL 1.6 s after the report restarted from scratch). Wait for it,
-            # so that an epoch logged to MLflow is always one a restart resumes after.
+            # so that a restart resumes after the last epoch reported.
             ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
     TrainingRun(build(TrainConfig, config["train"]), config["run_dir"], rank=ctx.get_world_rank(),

@@ -64,10 +64,13 @@ def stored_state(storage: str, name: str) -> dict | None:
     """The pcpp_checkpoint.json of the newest complete checkpoint of Ray run `name` under `storage`, or None."""
     import pyarrow.fs
 
-    fs, root = _filesystem(storage)
-    base = f"{root.rstrip('/')}/{name}"
-    if fs.get_file_info(base).type != pyarrow.fs.FileType.Directory:
-        return None
+    try:
+        fs, root = _filesystem(storage)
+        base = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(base).type != pyarrow.fs.FileType.Directory:
+            return None
+    except (OSError, ValueError) as e:  # no credentials, no such bucket, an unknown scheme
+        raise ValueError(f"distributed.storage_path {storage!r} cannot be read: {e}") from None
     dirs = sorted((i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(base))
                    if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)),
                   reverse=True)

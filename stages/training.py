@@ -7,9 +7,9 @@ Per step: the schedules move to progress = step / (total steps - 1) (pcpp.schedu
 learning rate follows pcpp.schedules.learning_rate, the update rule's hooks run around DeepSpeed's step
 through their interface (pcpp.rules.RuleOptimizer: before_step / after_step, then finalize once), never by
 the rule's name. Per epoch: honest binarized evaluation (pcpp.evaluation), a DeepSpeed checkpoint (every
-rank its shard) committed through `report` (Ray Train persists it in the run's storage, stages.storage),
-then metrics to MLflow and epochs.jsonl (rank 0, stages.tracking). A non-finite loss or weight ends the
-run with status `diverged` and a one-line message.
+rank its shard), metrics to MLflow and epochs.jsonl (rank 0, stages.tracking, each epoch once across
+restarts), then the checkpoint committed through `report` (Ray Train persists it in the run's storage,
+stages.storage). A non-finite loss or weight ends the run with status `diverged` and a one-line message.
 """
 
 from __future__ import annotations
@@ -236,6 +236,7 @@ class TrainingRun:
         self.status, self.message = "finished", ""
         self.metrics: dict = {}
         self.history: list[dict] = []  # {"epoch", **metrics} of every completed epoch, saved with checkpoints
+        self.in_mlflow: set[int] = set()  # epochs the MLflow run has (rank 0): never logged twice
         self.start_epoch = self.step = 0
         self.progress = 0.0
 
@@ -284,8 +285,10 @@ class TrainingRun:
 
     def restore(self) -> None:
         """Load the checkpoint to resume from (`resume_from`, else the run directory's own), if any; rank 0
-        then makes epochs.jsonl and MLflow hold exactly the checkpoint's epochs (an epoch committed by a
-        worker group that died before logging it is logged now; nothing is logged twice)."""
+        then makes epochs.jsonl hold exactly the checkpoint's epochs, logs to MLflow a committed epoch it
+        lacks, and notes the epochs MLflow has: an epoch logged by workers that died before Ray committed
+        it is redone but not logged again (from an epoch boundary the run is deterministic: the same
+        metrics but for their timing)."""
         if self.resume_from is not None:
             where = self.resume_from.as_directory() if hasattr(self.resume_from, "as_directory") \
                 else contextlib.nullcontext(self.resume_from)
@@ -304,11 +307,15 @@ class TrainingRun:
                 self.history = json.loads(saved.read_text())["history"] if saved.exists() else None
             self.start_epoch, self.step = state["epoch"], state["step"]
             self.history = logged[: self.start_epoch] if self.history is None else self.history
-        if self.rank == 0 and [h["epoch"] for h in logged] != [h["epoch"] for h in self.history]:
-            done = {h["epoch"] for h in logged}
+        if self.rank != 0:
+            return
+        if self.tracker is not None:  # the epochs MLflow already has (logged by workers that died since)
+            self.in_mlflow = {m.step for m in self.tracker.client.get_metric_history(self.tracker.run_id, "loss")}
             for h in self.history:
-                if h["epoch"] not in done and self.tracker is not None:
+                if h["epoch"] not in self.in_mlflow:  # committed, but its workers died before logging it
                     self.tracker.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
+                    self.in_mlflow.add(h["epoch"])
+        if [h["epoch"] for h in logged] != [h["epoch"] for h in self.history]:
             (self.run_dir / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in self.history))
 
     @property
@@ -407,8 +414,9 @@ class TrainingRun:
 
     def log_epoch(self, epoch: int, metrics: dict) -> None:
         if self.rank == 0:
-            if self.tracker is not None:
+            if self.tracker is not None and epoch + 1 not in self.in_mlflow:
                 self.tracker.log_metrics(metrics, step=epoch + 1)
+                self.in_mlflow.add(epoch + 1)
             with (self.run_dir / HISTORY).open("a") as f:
                 f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
             g = {k: metrics.get(k, math.nan) for k in ("loss", "binary_acc", "forward_acc", "epoch_time_s")}
@@ -434,10 +442,11 @@ class TrainingRun:
             self.metrics = self.epoch_metrics(stats, signs_before)
             self.history.append({"epoch": epoch + 1, **self.metrics})
             saved = self.save_checkpoint(epoch)
+            # Logged before the report: a Tune scheduler may end the trial as soon as it sees the report.
+            self.log_epoch(epoch, self.metrics)
             self.report({"epoch": epoch + 1, **self.metrics}, saved)  # the commit point of the epoch
             if self.persist:
                 shutil.rmtree(saved, ignore_errors=True)
-            self.log_epoch(epoch, self.metrics)  # after the commit: a restart never logs an epoch twice
             if fail_after_epoch == epoch + 1:
                 raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 

@@ -134,3 +134,36 @@ def test_a_relaunched_pcpp_train_continues_the_run_from_the_storage_path(referen
     assert run.info.status == "FINISHED" and run.data.tags["pcpp.restarts"] == "0"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
     assert_same_weights(weights(run_dir), weights(straight.run_dir))
+
+
+def test_a_sweep_trial_whose_worker_is_killed_is_restarted_inside_the_trial(tiny_shards, local_ray, tmp_path,
+                                                                            monkeypatch):
+    import yaml
+
+    from pipelines.sweep import load_sweep, sweep
+
+    train, test = tiny_shards
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
+        "name": "ftsweep", "root": str(tmp_path / "root"), "model": {"name": "resnet20", "num_classes": 4},
+        "data": {"train": str(train), "test": str(test), "batch_size": 32, "epoch_length": 320, "eval_limit": 40},
+        "teacher": {"source": "train", "epochs": 1, "lr": 0.01}, "binarize": {"weight": "bnn++"},
+        "train": {"init": "teacher", "optim": {"epochs": 2, "lr": 0.005}},
+        "sensitivity": {"enabled": False}, "export": {"enabled": False},
+        "distributed": {"num_workers": 1, "zero_stage": 1}, "tracking": {"experiment": "ftsweep"}}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "pipeline": str(tmp_path / "pipeline.yaml"), "search": {"lr": {"low": 1e-4, "high": 1e-3, "log": True}},
+        "num_samples": 1, "max_concurrent_trials": 1, "epochs": 2, "metric": "loss", "mode": "min"}))
+    marker = tmp_path / "killed"
+    # the trial's only worker (rank 0) dies at epoch 2, step 4; the teacher stage trains 1 epoch: never hit
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"rank": 0, "epoch": 2, "step": 4, "marker": str(marker)}))
+    result = sweep(*load_sweep(tmp_path / "sweep.yaml"))
+    (trial,) = result.trials
+    assert marker.exists()
+    assert trial["status"] == "finished" and trial["epochs"] == 2 and trial["error"] is None, trial
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'root').resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ftsweep")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert run.data.tags["pcpp.restarts"] == "1" and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]

@@ -69,6 +69,8 @@ def test_stored_state_is_the_newest_complete_checkpoint(tmp_path):
         if complete:
             (d / STATE).write_text(json.dumps({"epoch": epoch, "zero_stage": 1, "world_size": 2}))
     assert stored_state(str(tmp_path), "r")["epoch"] == 2
+    with pytest.raises(ValueError, match="distributed.storage_path 'nofs://x' cannot be read"):
+        stored_state("nofs://x", "r")
 
 
 def test_restarts_count_rank_zero_starts_per_launch(tmp_path):
