@@ -13,7 +13,6 @@ checkpoints) and the tracking settings of the run are filled in by the stage (st
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,14 +153,19 @@ def check_storage_path(value: str) -> str:
 
 
 def keyed_dict(obj) -> dict:
-    """A config dataclass as plain data without its RUNTIME fields (what it computes, not how it runs)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        if f.metadata.get("runtime"):
-            continue
-        value = getattr(obj, f.name)
-        out[f.name] = keyed_dict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) \
-            else copy.deepcopy(value)
+    """`dataclasses.asdict(obj)` without the RUNTIME fields, at any depth (what a config computes, not how
+    the run is carried out): equal to what asdict gave before those fields existed."""
+    out = dataclasses.asdict(obj)
+
+    def drop(node, data: dict) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if f.metadata.get("runtime"):
+                data.pop(f.name, None)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                drop(value, data[f.name])
+
+    drop(obj, out)
     return out
 
 

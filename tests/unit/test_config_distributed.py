@@ -94,3 +94,15 @@ def test_the_fault_hook_is_checked_and_targets_one_worker(tmp_path, monkeypatch)
     Fault(spec, rank=1, node=None).at(0, 3)  # another epoch: nothing happens
     (tmp_path / "m").write_text("1")
     Fault(spec, rank=1, node=None).at(1, 3)  # the marker exists: it already happened once
+
+
+def test_keyed_dict_is_asdict_without_the_runtime_fields():
+    import dataclasses
+
+    from stages.config import keyed_dict
+
+    c = cfg(storage_path="s3://b/p", max_failures=5)
+    expected = dataclasses.asdict(c)
+    for key in ("storage_path", "max_failures", "checkpoints_to_keep", "placement_strategy"):
+        expected["distributed"].pop(key)
+    assert keyed_dict(c) == expected and c.digest() == cfg().digest()
