@@ -35,6 +35,7 @@ QUIET_SKIP = "|".join([
     r"deepspeed_shm_comm_op built successfully|real_accelerator\.py|No CUDA runtime is found",
     r"\[INFO\] \[(config|logging|engine|utils|torch|comm|stage_1_and_2|checkpointing)\.py",
     r"Reporting training result \d+: TrainingReport\(",  # Ray Train V2, per report (our epoch line says it)
+    r"Checkpoint successfully created at: Checkpoint\(",  # Ray Train, per rank and epoch (checkpoints reported)
 ])
 
 

@@ -66,8 +66,13 @@ class StageContext:
 
 
 def config_dict(cfg) -> dict:
-    """A stage config as plain data: a dataclass by its fields, a dict as it is."""
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else dict(cfg)
+    """A stage config as plain data: a dataclass by its fields less the RUNTIME ones (how a run is carried
+    out: checkpoint storage, restarts, placement; stages.config.keyed_dict), a dict as it is. So a relaunch
+    with another storage path or failure budget finds the same artifact and resumes it."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        from stages.config import keyed_dict
+        return keyed_dict(cfg)
+    return dict(cfg)
 
 
 def stage_key(stage: str, cfg, inputs: dict[str, Artifact]) -> str:

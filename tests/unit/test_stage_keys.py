@@ -50,9 +50,9 @@ READERS = {
     "sensitivity.enabled": set(), "export.enabled": set(),  # which stages run, not what they compute
     "tracking.experiment": set(), "tracking.tracking_uri": set(),  # the run's MLflow store, given as context
     # How a training run is carried out (stages.config.RUNTIME: checkpoint storage, restarts, placement): not
-    # what it computes, so TrainConfig.digest() (a `pcpp train` run directory) leaves them out; the stage key
-    # still hashes them, as stages.artifact.config_dict hashes every field of a stage's config.
-    **{f"distributed.{k}": TRAINING for k in RUNTIME_KEYS},
+    # what it computes, so neither TrainConfig.digest() (a `pcpp train` run directory) nor a stage key
+    # (stages.artifact.config_dict) hashes them: a relaunch with another storage path resumes the same work.
+    **{f"distributed.{k}": set() for k in RUNTIME_KEYS},
 }
 # new values for leaves whose type does not give one (a choice among names, a spec); a tuple: the first
 # alternative that differs from the current value
@@ -169,6 +169,9 @@ def test_every_field_of_a_stage_config_is_in_its_key(name, teacher):
     for path, value, annotation in leaves(cfg):
         new_value = changed(path, value, annotation)
         if new_value is None or (teacher == "train" and path in TIED):  # nothing else valid to vary it to
+            continue
+        if path.split(".")[-1] in RUNTIME_KEYS:  # how the run is carried out: not in any key (READERS)
+            assert stage_key(name, with_leaf(cfg, path, new_value), inputs) == key, f"{name}: {path} is in its key"
             continue
         assert stage_key(name, with_leaf(cfg, path, new_value), inputs) != key, f"{name}: {path} is not in its key"
         checked += 1
