@@ -1,9 +1,9 @@
 """Forward/backward proximal quantizer pairs (paper eq. (6)-(7), Table 1, Appendix F).
 
     >>> from pcpp import quantizers
-    >>> q = quantizers.get("bnn++")        # mu linear 5 -> 30
+    >>> q = quantizers.get("bnn++")        # mu log-linear 0.5 -> 30
     >>> q.set_progress(0.5).params
-    {'mu': 17.5}
+    {'mu': 3.872983346207417}
     >>> y = q(w)                           # F(w) forward, grad * B(w) backward
 
 The update rules (ProxQuant, reverse PC, PTB) live beside the pairs in pcpp.rules; their names stay
