@@ -68,7 +68,8 @@ class StageContext:
 def config_dict(cfg) -> dict:
     """A stage config as plain data: a dataclass by its fields less the RUNTIME ones (how a run is carried
     out: checkpoint storage, restarts, placement; stages.config.keyed_dict), a dict as it is. So a relaunch
-    with another storage path or failure budget finds the same artifact and resumes it."""
+    with another failure budget or placement finds the same artifact and resumes it (another storage path
+    is refused by the engine while the first holds the checkpoints)."""
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         from stages.config import keyed_dict
         return keyed_dict(cfg)

@@ -14,6 +14,7 @@ checkpoints) and the tracking settings of the run are filled in by the stage (st
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,8 +146,9 @@ class DistributedConfig:
 
 def check_storage_path(value: str) -> str:
     """A local path or a URI of a filesystem pyarrow has (s3://, gs://, hdfs://, ...); ValueError otherwise."""
-    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-    if not value.strip() or (scheme and scheme not in STORAGE_SCHEMES):
+    looks_like_uri = re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", value) is not None
+    scheme = value.split(":", 1)[0].lower() if looks_like_uri else ""
+    if not value.strip() or (scheme and (scheme not in STORAGE_SCHEMES or "://" not in value)):
         raise ValueError(f"distributed.storage_path {value!r} is neither a path nor a URI of a known filesystem; "
                          f"valid schemes: {', '.join(STORAGE_SCHEMES)} (or a path, e.g. a shared mount)")
     return value

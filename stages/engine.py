@@ -26,7 +26,15 @@ from pathlib import Path
 from cluster.local import check_resources, ensure_ray, tracking_uri
 from stages.config import TrainConfig, absolute, build
 from stages.preflight import check_batches, check_inputs, check_resume, checkpoint_layout
-from stages.storage import fault_spec, ray_run_name, restarts, storage_root, stored_state
+from stages.storage import (
+    STORAGE_MARK,
+    check_storage_unchanged,
+    fault_spec,
+    ray_run_name,
+    restarts,
+    storage_root,
+    stored_state,
+)
 from stages.tracking import (
     Run,
     flatten,  # noqa: F401  (public helper of this module)
@@ -133,6 +141,7 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
     check_batches(cfg, d.num_workers)
     build_model(cfg)  # a bad model / teacher / spec fails here, before Ray starts
     storage, ray_name = storage_root(cfg, run_dir), ray_run_name(cfg, run_dir)
+    check_storage_unchanged(run_dir, storage, ray_name)
     stored = stored_state(storage, ray_name)
     layout = (stored["tag"], stored["zero_stage"], stored["world_size"]) if stored else checkpoint_layout(run_dir)
     check_resume(run_dir, deepspeed_config(cfg, d.num_workers), d.num_workers, layout=layout)
@@ -143,6 +152,7 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
                     f"distributed.num_workers={d.num_workers}" + (" with use_gpu" if d.use_gpu else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / STORAGE_MARK).write_text(storage)
     uri = tracking_uri(cfg.tracking.run_root, cfg.tracking.tracking_uri)
     run_id = start_training_run(cfg, run_dir, uri, parent_run_id, run_name, run_tags) if log_to_mlflow else None
     (run_dir / RESULT).unlink(missing_ok=True)

@@ -143,3 +143,19 @@ class Fault:
         while time.monotonic() < deadline:  # "pause": the test kills this node from outside
             time.sleep(0.2)
         raise RuntimeError(f"{FAULT_ENV}: nobody killed paused worker {os.getpid()}")
+
+
+STORAGE_MARK = "storage.txt"  # in the run directory: where its Ray checkpoints are (written by fit)
+
+
+def check_storage_unchanged(run_dir: Path, storage: str, ray_name: str) -> None:
+    """Refuse a relaunch whose storage path differs from the one the run's checkpoints were reported to
+    while that one still holds them: the run would start over from epoch 0 and redo what is done.
+    ValueError naming both paths."""
+    mark = Path(run_dir) / STORAGE_MARK
+    if not mark.exists():
+        return
+    before = mark.read_text().strip()
+    if before and before != storage and stored_state(before, ray_name) is not None:
+        raise ValueError(f"distributed.storage_path {storage!r}: this run's checkpoints are in {before!r} "
+                         f"({mark}); set distributed.storage_path back to it (or move them there) to resume")

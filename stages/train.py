@@ -44,7 +44,9 @@ def run_engine(cfg: TrainConfig, ctx: StageContext, *, stage: str):
     result = fit(cfg, run_dir=run_dir, parent_run_id=ctx.parent_run_id, run_name=f"{stage} (training)",
                  fail_after_epoch=ctx.extra.get("fail_after_epoch"))
     if not result.ok:
-        raise StageFailed(f"{stage}: {result.message} (checkpoints kept in {run_dir})")
+        from stages.storage import storage_root
+
+        raise StageFailed(f"{stage}: {result.message} (checkpoints kept in {storage_root(cfg, run_dir)})")
     from pcpp import models
 
     return result, models.load(recipe_of(cfg.model), cfg.binarize, weights=Path(run_dir) / "final" / "model.pt")

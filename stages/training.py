@@ -316,7 +316,9 @@ class TrainingRun:
                     self.tracker.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
                     self.in_mlflow.add(h["epoch"])
         if [h["epoch"] for h in logged] != [h["epoch"] for h in self.history]:
-            (self.run_dir / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            tmp = self.run_dir / (HISTORY + ".tmp")  # other ranks may be reading it: replaced atomically
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            os.replace(tmp, self.run_dir / HISTORY)
 
     @property
     def checkpoints(self) -> Path:
@@ -444,9 +446,11 @@ class TrainingRun:
             saved = self.save_checkpoint(epoch)
             # Logged before the report: a Tune scheduler may end the trial as soon as it sees the report.
             self.log_epoch(epoch, self.metrics)
-            self.report({"epoch": epoch + 1, **self.metrics}, saved)  # the commit point of the epoch
-            if self.persist:
-                shutil.rmtree(saved, ignore_errors=True)
+            try:
+                self.report({"epoch": epoch + 1, **self.metrics}, saved)  # the commit point of the epoch
+            finally:  # Ray has copied it to the storage path (or failed): the local copy goes either way
+                if self.persist:
+                    shutil.rmtree(saved, ignore_errors=True)
             if fail_after_epoch == epoch + 1:
                 raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 

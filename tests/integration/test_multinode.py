@@ -123,17 +123,22 @@ def test_losing_the_second_node_mid_epoch_the_run_finishes_from_the_shared_stora
     t0 = time.monotonic()
     proc = pcpp_train(tmp_path / "lost.yaml", tmp_path, head, gcs,
                       fault={"node_id": node2, "epoch": 2, "step": 4, "marker": str(marker), "action": "pause"})
-    deadline = time.monotonic() + 300
-    while not (marker.exists() and marker.read_text()):  # the node-2 worker has reached epoch 2, step 4
-        assert proc.poll() is None and time.monotonic() < deadline, "the worker on node 2 never paused"
-        time.sleep(0.2)
-    paused_s = time.monotonic() - t0
-    raylet = node.raylet()
-    assert raylet is not None and int(marker.read_text()) in {p.pid for p in node.processes()}
-    raylet.send_signal(signal.SIGKILL)  # the node is lost: raylet first, then everything else of it
-    for p in node.processes():
-        p.send_signal(signal.SIGKILL)
-    out = finish(proc)
+    try:
+        deadline = time.monotonic() + 300
+        while not (marker.exists() and marker.read_text()):  # the node-2 worker has reached epoch 2, step 4
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker on node 2 never paused"
+            time.sleep(0.2)
+        paused_s = time.monotonic() - t0
+        raylet = node.raylet()
+        assert raylet is not None and int(marker.read_text()) in {p.pid for p in node.processes()}
+        raylet.send_signal(signal.SIGKILL)  # the node is lost: raylet first, then everything else of it
+        for p in node.processes():
+            p.send_signal(signal.SIGKILL)
+        out = finish(proc)
+    finally:  # a failed wait or assertion leaves no pcpp train driver behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     lost_s = time.monotonic() - t0
     print(f"2 nodes, uninterrupted: {straight_s:.1f} s; node 2 lost at epoch 2 step 4 ({paused_s:.1f} s in): "
           f"{lost_s:.1f} s in all, the restart and epoch 2 again after the loss took {lost_s - paused_s:.1f} s")

@@ -38,6 +38,8 @@ def test_defaults():
     ("checkpoints_to_keep", 0, "distributed.checkpoints_to_keep must be >= 1 (a resume needs the last one), got 0"),
     ("placement_strategy", "spread", "unknown distributed.placement_strategy 'spread'; valid: PACK, SPREAD"),
     ("storage_path", "ftp://host/x", "distributed.storage_path 'ftp://host/x' is neither a path nor a URI"),
+    ("storage_path", "s3:/bucket/x", "distributed.storage_path 's3:/bucket/x' is neither a path nor a URI"),
+    ("storage_path", "s3:bucket", "distributed.storage_path 's3:bucket' is neither a path nor a URI"),
     ("max_failures", "many", "distributed.max_failures: expected an integer"),
 ])
 def test_a_bad_value_is_refused_naming_it(key, value, needle):
@@ -106,3 +108,24 @@ def test_keyed_dict_is_asdict_without_the_runtime_fields():
     for key in ("storage_path", "max_failures", "checkpoints_to_keep", "placement_strategy"):
         expected["distributed"].pop(key)
     assert keyed_dict(c) == expected and c.digest() == cfg().digest()
+
+
+def test_a_relaunch_naming_another_storage_path_is_refused_while_the_first_holds_the_run(tmp_path):
+    """Another storage path would start the run over from epoch 0: refused, naming both, until the first
+    holds no checkpoint of the run (then the new one is taken)."""
+    from stages.storage import STATE, STORAGE_MARK, check_storage_unchanged
+
+    run_dir, first, second = tmp_path / "run", str(tmp_path / "a"), str(tmp_path / "b")
+    run_dir.mkdir()
+    check_storage_unchanged(run_dir, second, "r")  # a new run: nothing recorded
+    (run_dir / STORAGE_MARK).write_text(first)
+    check_storage_unchanged(run_dir, second, "r")  # recorded, but no checkpoint there yet
+    ckpt = tmp_path / "a" / "r" / "epoch-0001" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE).write_text(json.dumps({"epoch": 1, "step": 3, "tag": "epoch-0001", "zero_stage": 1,
+                                         "world_size": 1, "history": []}))
+    check_storage_unchanged(run_dir, first, "r")  # the same path: fine
+    with pytest.raises(ValueError) as err:
+        check_storage_unchanged(run_dir, second, "r")
+    message = str(err.value)
+    assert first in message and second in message and "set distributed.storage_path back" in message
