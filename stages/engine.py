@@ -146,6 +146,9 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
     layout = (stored["tag"], stored["zero_stage"], stored["world_size"]) if stored else checkpoint_layout(run_dir)
     check_resume(run_dir, deepspeed_config(cfg, d.num_workers), d.num_workers, layout=layout)
     fault = fault_spec()
+    if stored is not None:
+        print(f"{cfg.name}: resuming after epoch {stored['epoch']} from the checkpoints in {storage}/{ray_name}",
+              file=sys.stderr, flush=True)
 
     ensure_ray()
     check_resources({"GPU": d.num_workers} if d.use_gpu else {"CPU": d.num_workers},

@@ -158,4 +158,5 @@ def check_storage_unchanged(run_dir: Path, storage: str, ray_name: str) -> None:
     before = mark.read_text().strip()
     if before and before != storage and stored_state(before, ray_name) is not None:
         raise ValueError(f"distributed.storage_path {storage!r}: this run's checkpoints are in {before!r} "
-                         f"({mark}); set distributed.storage_path back to it (or move them there) to resume")
+                         f"({mark}); set distributed.storage_path back to it (or move them there) to resume, or "
+                         f"delete {Path(run_dir)} (or use another tracking.run_root) to start over")
