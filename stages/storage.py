@@ -35,6 +35,7 @@ STATE = "pcpp_checkpoint.json"  # inside a checkpoint's checkpoints/ directory
 STARTS = "starts.jsonl"
 FAULT_ENV = "PCPP_TEST_FAULT"
 CHECKPOINT_PREFIX = "epoch-"
+STORAGE_MARK = "storage.txt"  # in the run directory: where its Ray checkpoints are (written by fit)
 
 
 def storage_root(cfg, run_dir: Path) -> str:
@@ -80,6 +81,20 @@ def stored_state(storage: str, name: str) -> dict | None:
             with fs.open_input_stream(path) as f:
                 return json.loads(f.read().decode())
     return None
+
+
+def check_storage_unchanged(run_dir: Path, storage: str, ray_name: str) -> None:
+    """Refuse a relaunch whose storage path differs from the one the run's checkpoints were reported to
+    while that one still holds them: the run would start over from epoch 0 and redo what is done.
+    ValueError naming both paths."""
+    mark = Path(run_dir) / STORAGE_MARK
+    if not mark.exists():
+        return
+    before = mark.read_text().strip()
+    if before and before != storage and stored_state(before, ray_name) is not None:
+        raise ValueError(f"distributed.storage_path {storage!r}: this run's checkpoints are in {before!r} "
+                         f"({mark}); set distributed.storage_path back to it (or move them there) to resume, or "
+                         f"delete {Path(run_dir)} (or use another tracking.run_root) to start over")
 
 
 # -- restarts ------------------------------------------------------------------------------------------------
@@ -144,19 +159,3 @@ class Fault:
             time.sleep(0.2)
         raise RuntimeError(f"{FAULT_ENV}: nobody killed paused worker {os.getpid()}")
 
-
-STORAGE_MARK = "storage.txt"  # in the run directory: where its Ray checkpoints are (written by fit)
-
-
-def check_storage_unchanged(run_dir: Path, storage: str, ray_name: str) -> None:
-    """Refuse a relaunch whose storage path differs from the one the run's checkpoints were reported to
-    while that one still holds them: the run would start over from epoch 0 and redo what is done.
-    ValueError naming both paths."""
-    mark = Path(run_dir) / STORAGE_MARK
-    if not mark.exists():
-        return
-    before = mark.read_text().strip()
-    if before and before != storage and stored_state(before, ray_name) is not None:
-        raise ValueError(f"distributed.storage_path {storage!r}: this run's checkpoints are in {before!r} "
-                         f"({mark}); set distributed.storage_path back to it (or move them there) to resume, or "
-                         f"delete {Path(run_dir)} (or use another tracking.run_root) to start over")
