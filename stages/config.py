@@ -71,10 +71,18 @@ class DataConfig:
 class AlgorithmConfig:
     rule: str = "pc++"  # pc++ | pq | rpc | ptb
     params: dict = field(default_factory=dict)  # the rule's schedules, e.g. {rho: {kind: linear, ...}}
+    # Training batches (per worker) over which each epoch re-estimates the BatchNorm statistics under the
+    # honest binarized forward before the honest evaluation (pcpp.calibration.recalibrate_batchnorm_); at
+    # most one epoch's worth; 0 turns it off. Binarized models with BatchNorm only.
+    bn_recalibration_batches: int = 50
 
     def __post_init__(self):
         if self.rule not in rule_names():
             raise ValueError(f"unknown algorithm.rule {self.rule!r}; valid: {', '.join(rule_names())}")
+        if isinstance(self.bn_recalibration_batches, bool) or not isinstance(self.bn_recalibration_batches, int) \
+                or self.bn_recalibration_batches < 0:
+            raise ValueError(f"algorithm.bn_recalibration_batches must be an integer >= 0 (0: off), "
+                             f"got {self.bn_recalibration_batches!r}")
 
 
 @dataclass

@@ -6,7 +6,8 @@ Used by binarized pre-training, FT, E2E and the Tune sweeps alike, inside a Ray 
 Per step: the schedules move to progress = step / (total steps - 1) (pcpp.schedules.progress_at), the
 learning rate follows pcpp.schedules.learning_rate, the update rule's hooks run around DeepSpeed's step
 through their interface (pcpp.rules.RuleOptimizer: before_step / after_step, then finalize once), never by
-the rule's name. Per epoch: honest binarized evaluation (pcpp.evaluation), a DeepSpeed checkpoint (every
+the rule's name. Per epoch: the BatchNorm statistics re-estimated under the honest forward
+(`TrainingRun.recalibrate_bn`), honest binarized evaluation (pcpp.evaluation), a DeepSpeed checkpoint (every
 rank its shard), metrics to MLflow and epochs.jsonl (rank 0, stages.tracking, each epoch once across
 restarts), then the checkpoint committed through `report` (Ray Train persists it in the run's storage,
 stages.storage). A non-finite loss or weight ends the run with status `diverged` and a one-line message.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from cluster.local import deepspeed_file, resolve
 from cluster.progress import bar as progress_bar
 from pcpp import layers, models
-from pcpp.calibration import BalanceReport, prepare_activations_
+from pcpp.calibration import BalanceReport, prepare_activations_, recalibrate_batchnorm_
 from pcpp.distill import kd_loss
 from pcpp.evaluation import evaluate
 from pcpp.quantizers import Quantizer
@@ -373,12 +374,30 @@ class TrainingRun:
 
     # -- evaluation --------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """binary_acc (the honest binarized network, pcpp.evaluation) and forward_acc (the training forward)
-        on the test loader, summed over ranks, and their gap."""
-        b_correct, b_total = evaluate(self.module, self.test_loader, self.device, honest=True)
+        """forward_acc (the training forward, with the BatchNorm statistics training left) and binary_acc (the
+        honest binarized network, pcpp.evaluation, after `recalibrate_bn`) on the test loader, summed over
+        ranks. The re-estimated statistics stay in the model: its checkpoint and export are that network."""
         f_correct, f_total = evaluate(self.module, self.test_loader, self.device, honest=False)
+        self.recalibrate_bn()
+        b_correct, b_total = evaluate(self.module, self.test_loader, self.device, honest=True)
         b_correct, b_total, f_correct, f_total = all_sum([b_correct, b_total, f_correct, f_total], self.device)
         return {"binary_acc": b_correct / max(b_total, 1), "forward_acc": f_correct / max(f_total, 1)}
+
+    def recalibrate_bn(self) -> int:
+        """Re-estimate the BatchNorm statistics under the honest forward on the first
+        `algorithm.bn_recalibration_batches` training batches of the epoch (each rank its own, then averaged
+        over ranks; pcpp.calibration.recalibrate_batchnorm_). Full-precision runs are left alone. Returns the
+        number of BatchNorms re-estimated."""
+        n = min(self.cfg.algorithm.bn_recalibration_batches, len(self.train_loader))
+        if n == 0 or self.cfg.binarize is None:
+            return 0
+
+        def average(t: torch.Tensor) -> None:
+            torch.distributed.all_reduce(t)
+            t.div_(self.world)
+
+        return recalibrate_batchnorm_(self.module, islice(iter(self.train_loader), n), device=self.device,
+                                      reduce=average if self.world > 1 else None)
 
     def epoch_metrics(self, stats: EpochStats, signs_before: dict) -> dict:
         loss_sum, correct, seen = all_sum([stats.loss_sum, stats.correct, stats.seen], self.device)

@@ -1,0 +1,84 @@
+"""BatchNorm statistics re-estimated under the honest binarized forward (pcpp.calibration.recalibrate_batchnorm_)."""
+
+import pytest
+import torch
+from torch import nn
+
+import pcpp.layers as pl
+from pcpp.calibration import recalibrate_batchnorm_
+from pcpp.layers import BinaryConv2d
+
+
+def conv_bn(act=None) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(BinaryConv2d(3, 4, 3, bias=False, act_quantizer=act, activation_placement="none"),
+                         nn.BatchNorm2d(4))
+
+
+def batches(n=3, seed=1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, 3, 6, 6, generator=gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("act", [None, "bnn++"])
+def test_running_stats_are_the_average_of_the_honest_batch_statistics(act):
+    model = conv_bn(act)
+    pl.set_progress(model, 0.0)  # bnn++ at its softest: the training forward is far from sign
+    model.train()
+    data = batches()
+    conv, bn = model[0], model[1]
+    with pl.binary_eval(model), torch.no_grad():
+        outs = [conv(x) for x in data]  # the honest conv output, the BatchNorm's input
+    want_mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    want_var = torch.stack([o.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True) for o in outs]).mean(0)
+    with torch.no_grad():
+        soft_mean = conv(data[0]).mean(dim=(0, 2, 3))
+    bn.momentum = 0.3
+    assert recalibrate_batchnorm_(model, [(x, torch.zeros(5)) for x in data]) == 1
+    torch.testing.assert_close(bn.running_mean, want_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, want_var, rtol=1e-5, atol=1e-6)
+    if act is not None:  # the honest statistics differ from the training forward's
+        assert not torch.allclose(bn.running_mean, soft_mean, atol=1e-3)
+    # every flag as before: training mode, the training forward, the momentum
+    assert model.training and bn.training and not conv.honest and bn.momentum == 0.3
+
+
+def test_honest_forward_with_recalibrated_stats_is_normalised():
+    model = conv_bn("bnn++")
+    pl.set_progress(model, 0.0)
+    data = batches(4)
+    recalibrate_batchnorm_(model, data)
+    with pl.binary_eval(model), torch.no_grad():
+        y = torch.cat([model(x) for x in data])
+    per_channel = y.transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(1), torch.ones(4), atol=0.05, rtol=0)
+
+
+def test_reduce_sees_every_statistic_and_its_result_stays():
+    model = nn.Sequential(conv_bn("bnn"), nn.ReLU(), BinaryConv2d(4, 4, 3, act_quantizer="bnn",
+                                                                   activation_placement="threshold"),
+                          nn.BatchNorm2d(4))
+    seen = []
+
+    def reduce(t):
+        seen.append(t)
+        t.fill_(2.0)  # stands in for the average over ranks
+
+    assert recalibrate_batchnorm_(model, batches(), reduce=reduce) == 2
+    assert len(seen) == 4
+    for bn in (model[0][1], model[3]):
+        assert torch.equal(bn.running_mean, torch.full((4,), 2.0))
+        assert torch.equal(bn.running_var, torch.full((4,), 2.0))
+
+
+def test_nothing_changes_without_batches_or_without_batchnorm():
+    model = conv_bn("bnn")
+    bn = model[1]
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match="at least one batch"):
+        recalibrate_batchnorm_(model, [])
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert bn.momentum == 0.1
+    assert recalibrate_batchnorm_(nn.Sequential(BinaryConv2d(3, 4, 3), nn.LayerNorm(4)), batches()) == 0
