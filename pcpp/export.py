@@ -1,15 +1,29 @@
 """Bit-packed export of a binarized model: one safetensors file plus a JSON manifest.
 
-Binarized weights are stored as 1 bit each (sign(w*); 1 = +1) plus one fp32 scale per layer or channel;
-every other tensor of the state dict is stored as it is. Tensors are laid flat, one buffer per dtype,
-so the file is the ideal size plus a few hundred bytes of header; the manifest records the model recipe
-(name, constructor arguments), each binarized layer's settings (pairs, scaling, activation placement,
-whether it has an activation threshold), the model's signed-input layout (pcpp.placement) and the
-per-tensor layout. Activation thresholds are state-dict tensors and are stored as they are.
+Binarized weights are stored as 1 bit each (sign(w*); 1 = +1) plus one scale per layer or channel; every
+other tensor of the state dict is stored as it is (at the default precision, fp32; see below). Tensors are
+laid flat, one buffer per dtype, so the file is the ideal size plus a few hundred bytes of header; the
+manifest records the model recipe (name, constructor arguments), each binarized layer's settings (pairs,
+scaling, activation placement, whether it has an activation threshold), the model's signed-input layout
+(pcpp.placement) and the per-tensor layout. Activation thresholds are state-dict tensors, stored as such.
 
 `save(model, path)` returns the size summary; `load(path)` returns the model in honest binarized-eval
 mode, whose logits equal those of the exported model under `binary_eval` (BW, BWA, BWAA, with
 thresholds and any activation placement).
+
+`save(..., precision="fp16" | "bf16")` stores the kept full-precision tensors (first conv / patch embedding,
+head, norms, biases, thresholds, positional embeddings, the binarized layers' scales: everything but the
+packed bits) at 2 bytes a value instead of 4; the manifest records the precision and each tensor's own
+dtype, and `load` casts them back, so the reloaded model is fp32 throughout. ViT-B/16 BW: 17.15 MB
+(16.35 MiB) with fp32, 13.88 MB (13.24 MiB) with fp16 or bf16 (the paper: 450 MB -> 15 MB; measured by
+bench/export_size.py). The default, fp32, stays bit-exact. Otherwise:
+- BW (no binarized activation): the logits differ from `binary_eval`'s by rounding only,
+  `round_trip_error(got, expected) <= LOGIT_TOLERANCE[precision]` (the largest absolute difference over
+  the largest absolute logit; fp16 5e-3, bf16 5e-2, measured figures beside LOGIT_TOLERANCE).
+- BWA / BWAA: no logit bound holds (`round_trip_tolerance` returns None). Sign activations turn a rounding
+  of 2.4e-4 into flipped signs that propagate: a trained ResNet-20 BWA changes 16% of its predictions when
+  its *input* is scaled by 1 + 1e-4, and 37% with fp16 tensors; its accuracy stays within 0.2 points
+  (2,000 CIFAR-10 test images: 49.40% binary_eval, 49.35% fp16, 49.20% bf16). Check accuracy, not logits.
 """
 
 from __future__ import annotations
@@ -28,6 +42,50 @@ from pcpp.layers import BINARY_TYPES, BinaryMixin, binary_layers, set_binary_eva
 from pcpp.surgery import add_attention_norm
 
 FORMAT = "pcpp-export/1"
+
+# how the kept (not bit-packed) floating tensors are stored
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Bound on round_trip_error (max |reloaded - binary_eval| / max |binary_eval| over a batch) of a BW model
+# per precision, about 3x the worst measured: fp16 1.6e-3 (ResNet-20, teacher weights, random inputs;
+# 1.5e-3 trained, 2,000 CIFAR-10 test images, predictions all equal), 3.4e-4 (DeiT-T); bf16 1.6e-2
+# (ResNet-20; 1.4e-2 trained, 99.4% equal predictions, same accuracy), 2.7e-3 (DeiT-T). ViT-B/16 BW
+# (bench/export_size.py): fp16 8.4e-4, bf16 4.5e-3. Binarized activations: no bound (round_trip_tolerance).
+LOGIT_TOLERANCE = {"fp32": 0.0, "fp16": 5e-3, "bf16": 5e-2}
+
+
+def check_precision(precision: str, what: str = "export precision") -> torch.dtype:
+    """The torch dtype of an export precision; ValueError naming `what`, the bad value and the valid ones."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown {what} {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def kept_dtype(t: torch.Tensor, precision: str) -> torch.dtype:
+    """The dtype a kept tensor is stored in: floating tensors wider than the precision are cast to it,
+    everything else (integer buffers, tensors already at 2 bytes) is stored as it is."""
+    target = check_precision(precision)
+    if t.is_floating_point() and t.element_size() > target.itemsize:
+        return target
+    return t.dtype
+
+
+def round_trip_tolerance(model: nn.Module, precision: str) -> float | None:
+    """The bound on round_trip_error for `model` exported at `precision`: 0.0 at fp32 (bit-exact),
+    LOGIT_TOLERANCE[precision] for a BW model, None (no bound, see the module docstring) when a binarized
+    layer has binarized activations and the precision is reduced."""
+    check_precision(precision)
+    if precision == "fp32":
+        return 0.0
+    if any(layer.act_quantizer is not None for _, layer in binary_layers(model)):
+        return None
+    return LOGIT_TOLERANCE[precision]
+
+
+def round_trip_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected|: what LOGIT_TOLERANCE bounds (0.0 means bit-exact)."""
+    diff = (got.double() - expected.double()).abs().max().item()
+    return diff / max(expected.double().abs().max().item(), 1e-30)
 
 
 # -- bit packing ---------------------------------------------------------------------------------------
@@ -57,8 +115,9 @@ class LayerSize:
     kind: str
     binary_params: int
     fp_params: int
-    bytes: int
-    scales: int = 0  # fp32 scales that binarization adds (not part of the fp32 model)
+    bytes: int  # at the export precision
+    scales: int = 0  # scales that binarization adds (not part of the fp32 model)
+    bytes_kept_fp32: int = 0  # the same layer with its kept tensors and scales in fp32
 
 
 @dataclass
@@ -67,6 +126,7 @@ class SizeSummary:
 
     rows: list[LayerSize]
     file_bytes: int | None = None
+    precision: str = "fp32"
 
     @property
     def binary_params(self) -> int:
@@ -81,6 +141,11 @@ class SizeSummary:
         return sum(r.bytes for r in self.rows)
 
     @property
+    def ideal_bytes_kept_fp32(self) -> int:
+        """The ideal size with the kept tensors and scales in fp32 (equal to ideal_bytes at fp32)."""
+        return sum(r.bytes_kept_fp32 for r in self.rows)
+
+    @property
     def fp32_bytes(self) -> int:
         """Size of the float model: every stored tensor at 4 bytes per value (no scales)."""
         return sum(4 * (r.binary_params + r.fp_params) for r in self.rows)
@@ -92,20 +157,29 @@ class SizeSummary:
 
     def to_dict(self) -> dict:
         return {"binary_params": self.binary_params, "fp_params": self.fp_params, "ideal_bytes": self.ideal_bytes,
-                "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "ratio_to_fp32": self.ratio}
+                "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "ratio_to_fp32": self.ratio,
+                "precision": self.precision, "ideal_bytes_kept_fp32": self.ideal_bytes_kept_fp32}
 
     def __str__(self) -> str:
+        """The per-layer table; at fp16 / bf16 a column gives each layer's bytes with its kept tensors in fp32."""
         w = max([len(r.name) for r in self.rows] + [5])
-        head = f"{'layer':<{w}}  {'type':<13}  {'binary':>11}  {'fp':>11}  {'bytes':>12}  {'x fp32':>7}"
+        reduced = self.precision != "fp32"
+        both = f"  {'kept fp32':>12}" if reduced else ""
+        head = f"{'layer':<{w}}  {'type':<13}  {'binary':>11}  {'fp':>11}{both}  {'bytes':>12}  {'x fp32':>7}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             ratio = 4 * (r.binary_params + r.fp_params) / r.bytes if r.bytes else 0.0
-            lines.append(f"{r.name:<{w}}  {r.kind:<13}  {r.binary_params:>11,}  {r.fp_params:>11,}  "
+            both = f"  {r.bytes_kept_fp32:>12,}" if reduced else ""
+            lines.append(f"{r.name:<{w}}  {r.kind:<13}  {r.binary_params:>11,}  {r.fp_params:>11,}{both}  "
                          f"{r.bytes:>12,}  {ratio:>6.1f}x")
         lines.append("-" * len(head))
-        lines.append(f"{'total':<{w}}  {'':<13}  {self.binary_params:>11,}  {self.fp_params:>11,}  "
+        both = f"  {self.ideal_bytes_kept_fp32:>12,}" if reduced else ""
+        lines.append(f"{'total':<{w}}  {'':<13}  {self.binary_params:>11,}  {self.fp_params:>11,}{both}  "
                      f"{self.ideal_bytes:>12,}  {self.fp32_bytes / self.ideal_bytes:>6.1f}x")
         size = f"fp32 {self.fp32_bytes / 2**20:.2f} MiB -> packed {self.ideal_bytes / 2**20:.3f} MiB (ideal)"
+        if reduced:
+            size = (f"fp32 {self.fp32_bytes / 2**20:.2f} MiB -> packed {self.ideal_bytes_kept_fp32 / 2**20:.3f} MiB "
+                    f"with the kept tensors in fp32, {self.ideal_bytes / 2**20:.3f} MiB in {self.precision} (ideal)")
         if self.file_bytes is not None:
             size += f", file {self.file_bytes / 2**20:.3f} MiB: {self.ratio:.1f}x smaller than fp32"
         lines.append(size)
@@ -116,8 +190,10 @@ def _owner(name: str) -> str:
     return name.rpartition(".")[0] or name
 
 
-def size_summary(model: nn.Module) -> SizeSummary:
-    """Sizes of what `save` stores: 1 bit per binarized weight + fp32 scales + every other tensor."""
+def size_summary(model: nn.Module, precision: str = "fp32") -> SizeSummary:
+    """Sizes of what `save(..., precision=precision)` stores: 1 bit per binarized weight + the scales +
+    every other tensor (floating ones at `precision`, see kept_dtype); works on a meta-device model."""
+    scale_bytes = check_precision(precision).itemsize
     binary = dict(binary_layers(model))
     per_layer: dict[str, LayerSize] = {}
     modules = dict(model.named_modules())
@@ -129,12 +205,14 @@ def size_summary(model: nn.Module) -> SizeSummary:
             row.binary_params += t.numel()
             n_scales = t.shape[0] if layer.scaling == "channel" else 1
             row.scales += n_scales
-            row.bytes += math.ceil(t.numel() / 8) + 4 * n_scales
+            row.bytes += math.ceil(t.numel() / 8) + scale_bytes * n_scales
+            row.bytes_kept_fp32 += math.ceil(t.numel() / 8) + 4 * n_scales
         else:
             if t.is_floating_point():
                 row.fp_params += t.numel()
-            row.bytes += t.numel() * t.element_size()
-    return SizeSummary(list(per_layer.values()))
+            row.bytes += t.numel() * kept_dtype(t, precision).itemsize
+            row.bytes_kept_fp32 += t.numel() * t.element_size()
+    return SizeSummary(list(per_layer.values()), precision=precision)
 
 
 # -- save / load -------------------------------------------------------------------------------------------
@@ -151,14 +229,18 @@ def manifest_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> SizeSummary:
+def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None,
+         precision: str = "fp32") -> SizeSummary:
     """Export `model` to `path` (.safetensors) and `path.json`; returns the size summary (bytes).
 
     The manifest records the recipe (`recipe`, else `model.pcpp_recipe` from pcpp.models.create), the
-    binarize_ specs the model went through, each binarized layer's settings and the tensor layout.
-    Raises ValueError without a recipe, without a binarized layer, or for a layer whose weight pair has
-    no binary honest value (fp).
+    binarize_ specs the model went through, each binarized layer's settings, the tensor layout and the
+    precision of the kept tensors: "fp32" (default, bit-exact round trip), "fp16" or "bf16" (2 bytes a
+    value, logits within LOGIT_TOLERANCE[precision] of binary_eval's, see the module docstring).
+    Raises ValueError for an unknown precision, without a recipe, without a binarized layer, for a layer
+    whose weight pair has no binary honest value (fp), or for a tensor that overflows fp16 (naming it).
     """
+    scale_dtype = check_precision(precision)
     path = Path(path)
     recipe = recipe or getattr(model, "pcpp_recipe", None)
     if recipe is None:
@@ -180,7 +262,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> S
             except ValueError as e:
                 raise ValueError(f"cannot export layer {owner}: {e}") from None
             packed = pack_signs(signs.cpu())
-            s = s.reshape(-1).float().cpu()
+            s = _cast(key + " (scales)", s.reshape(-1).float().cpu(), scale_dtype, precision)
             bits.append(packed)
             scales.append(s)
             layout.append({"key": key, "kind": "binary", "shape": list(t.shape), "dtype": str(t.dtype),
@@ -188,11 +270,12 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> S
             bit_offset += packed.numel()
             scale_offset += s.numel()
         else:
-            group = str(t.dtype).replace("torch.", "")
-            flat.setdefault(group, []).append(t.detach().reshape(-1).cpu())
+            stored = _cast(key, t.detach().reshape(-1).cpu(), kept_dtype(t, precision), precision)
+            group = str(stored.dtype).replace("torch.", "")
+            flat.setdefault(group, []).append(stored)
             offset = offsets.get(group, 0)
             layout.append({"key": key, "kind": "tensor", "group": group, "shape": list(t.shape),
-                           "offset": offset, "numel": t.numel()})
+                           "offset": offset, "numel": t.numel(), "dtype": str(t.dtype)})
             offsets[group] = offset + t.numel()
     for name, layer in binary.items():
         layers[name] = {"type": type(layer).__name__, **layer.binary_config()}
@@ -204,15 +287,34 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None) -> S
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     tmp.replace(path)
 
-    summary = size_summary(model)
+    summary = size_summary(model, precision)
     summary.file_bytes = path.stat().st_size
-    manifest = {"format": FORMAT, "file": path.name, "sha256": sha256_file(path), "recipe": recipe,
+    manifest = {"format": FORMAT, "file": path.name, "sha256": sha256_file(path), "precision": precision,
+                "recipe": recipe,
                 "binarize": _specs(model), "layers": layers,
                 "extra_norms": list(getattr(model, "pcpp_extra_norms", [])),
                 "activation_layout": dict(getattr(model, "pcpp_activation_layout", None) or {}),
                 "layout": layout, "summary": summary.to_dict()}
     manifest_path(path).write_text(json.dumps(manifest, indent=1))
     return summary
+
+
+def _cast(key: str, t: torch.Tensor, dtype: torch.dtype, precision: str) -> torch.Tensor:
+    """`t` in `dtype`, refused (naming the tensor) when a finite value does not fit (fp16 tops at 65504)."""
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+        raise ValueError(f"cannot export {key} in {precision}: its values reach {t.abs().max().item():.4g}, "
+                         f"beyond {precision}'s range (largest {torch.finfo(dtype).max:.4g}); use bf16 or fp32")
+    return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r} in the export manifest")
+    return dtype
 
 
 def _read_manifest(path: Path) -> dict:
@@ -227,6 +329,9 @@ def _read_manifest(path: Path) -> dict:
         raise ValueError(f"export manifest {mpath} is corrupt: {e}") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{mpath}: unknown export format {manifest.get('format')!r}, expected {FORMAT!r}")
+    precision = manifest.setdefault("precision", "fp32")  # manifests from before the option are fp32
+    if precision not in PRECISIONS:
+        raise ValueError(f"{mpath}: unknown export precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return manifest
 
 
@@ -318,7 +423,8 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
 
     The architecture comes from the manifest's recipe (pcpp.models.load), binarized through
     pcpp.surgery.binarize_ from the specs the manifest records (or, for older manifests, from its
-    per-layer settings); then the 1-bit weights times their scales and every other tensor are loaded.
+    per-layer settings); then the 1-bit weights times their scales and every other tensor are loaded,
+    each in the dtype it had when saved (fp32 also when the manifest's precision is fp16 or bf16).
     Raises FileNotFoundError for a missing file or manifest, ValueError for a corrupt or truncated file
     (sha256 checked unless verify=False), an unknown format, or a manifest that does not fit its recipe.
     """
@@ -345,7 +451,7 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
             n = shape.numel()
             chunk = bits[entry["byte_offset"]: entry["byte_offset"] + math.ceil(n / 8)]
             signs = unpack_signs(chunk, n).reshape(shape)
-            s = scales[entry["scale_offset"]: entry["scale_offset"] + entry["scales"]]
+            s = scales[entry["scale_offset"]: entry["scale_offset"] + entry["scales"]].to(_dtype(entry["dtype"]))
             layer: BinaryMixin = model.get_submodule(_owner(entry["key"]))
             s = s.reshape(-1, *([1] * (len(shape) - 1))) if entry["scales"] > 1 else s.reshape(())
             layer.frozen_scale = s.clone()
@@ -354,6 +460,8 @@ def load(path: str | Path, *, verify: bool = True) -> nn.Module:
             buf = tensors[f"flat.{entry['group']}"]
             key = entry["key"]
             value = buf[entry["offset"]: entry["offset"] + entry["numel"]].reshape(shape)
+            if "dtype" in entry:  # stored at the export precision: back to the dtype it was saved from
+                value = value.to(_dtype(entry["dtype"]))
             if key.endswith(".act_quantizer.beta"):  # exports before layer-owned thresholds: ReAct's own beta
                 key = key[: -len("act_quantizer.beta")] + "act_threshold"
                 value = value.expand(model.get_submodule(_owner(key)).input_channels).clone()

@@ -124,7 +124,16 @@ class SensitivitySection(SensitivityConfig):
 
 @dataclass
 class ExportSection:
+    """export: whether the stage runs, and the precision of the kept full-precision tensors (fp32, the
+    default and bit-exact, fp16 or bf16: pcpp.export.PRECISIONS)."""
+
     enabled: bool = True
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        from pcpp.export import check_precision
+
+        check_precision(self.precision, "export.precision")
 
 
 @dataclass
@@ -183,7 +192,7 @@ class PipelineConfig(ConfigDocument):
             "train": training("train", self.train, self.binarize),
             "sensitivity": SensitivityConfig(**{f.name: getattr(self.sensitivity, f.name)
                                                 for f in dataclasses.fields(SensitivityConfig)}),
-            "export": ExportConfig(eval_limit=loader.eval_limit),
+            "export": ExportConfig(eval_limit=loader.eval_limit, precision=self.export.precision),
         }
         return {k: copy.deepcopy(v) for k, v in configs.items()}  # no object is shared between two stages
 

@@ -48,6 +48,7 @@ READERS = {
     "pretrain.enabled": set(), "pretrain.epochs": {"pretrain"}, "pretrain.lr": {"pretrain"},
     "train.seed": TRAINING, "train.init": {"train"},
     "sensitivity.enabled": set(), "export.enabled": set(),  # which stages run, not what they compute
+    "export.precision": {"export"},
     "tracking.experiment": set(), "tracking.tracking_uri": set(),  # the run's MLflow store, given as context
     # How a training run is carried out (stages.config.RUNTIME: checkpoint storage, restarts, placement): not
     # what it computes, so neither TrainConfig.digest() (a `pcpp train` run directory) nor a stage key
@@ -67,7 +68,7 @@ CHANGED = {
     "sensitivity.weight": "bnn", "sensitivity.activation": "bnn++", "sensitivity.scaling": "channel",
     "sensitivity.blocks": ["layer1.0"], "distributed.deepspeed": "v100", "distributed.zero_stage": 2,
     "distributed.placement_strategy": "SPREAD", "distributed.storage_path": "s3://bucket/checkpoints",
-    "tracking.tracking_uri": "sqlite:///x.db",
+    "tracking.tracking_uri": "sqlite:///x.db", "export.precision": "fp16",
 }
 
 
