@@ -9,22 +9,49 @@ import copy
 
 from pcpp import quantizers
 from pcpp.quantizers import Quantizer
+from pcpp.schedules import Schedule, loglinear
+
+# Default schedules of a pair when it binarizes activations (a layer's input), where they differ from the
+# pair's registered ones (which are the weights'). bnn++ on weights: mu log-linear 0.5 -> 30 (pairs.py).
+# On activations SS'_mu is negative beyond |x| > 2.4 / mu, and every binarized activation multiplies the
+# backward signal of all the layers before it: past mu ~ 10 the chained gradient is carried by the few
+# inputs inside |x| < 0.24 and training stalls, while the honest sign needs no larger mu once the BatchNorm
+# statistics are re-estimated under it (pcpp.calibration.recalibrate_batchnorm_). ResNet-20 BWA fine-tuned
+# from the teacher, one epoch, `pcpp train`, honest accuracy on the 10k test set (docs/activations.md):
+# activations' mu 0.5 -> 30: 36.8% (forward 38.0%), 0.5 -> 10: 40.0% (39.7%), 0.5 -> 5: 37.6% (47.2%: too soft
+# at the end, the sign network is another one).
+ACTIVATION_SCHEDULES: dict[str, dict[str, Schedule]] = {"bnn++": {"mu": loglinear(0.5, 10.0)}}
+ROLES = ("weight", "activation")
 
 
-def make_quantizer(spec) -> Quantizer | None:
-    """A Quantizer from a name, a {'name': .., params..} dict, a Quantizer (copied state), or None."""
+def make_quantizer(spec, role: str = "weight") -> Quantizer | None:
+    """A Quantizer from a name, a {'name': .., params..} dict, a Quantizer (copied state), or None.
+
+    role: "weight" or "activation"; for "activation" a name or dict gets the pair's activation defaults
+    (ACTIVATION_SCHEDULES) for the parameters it does not set. A Quantizer instance is copied as is.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown quantizer role {role!r}; valid: {', '.join(ROLES)}")
     if spec is None:
         return None
     if isinstance(spec, Quantizer):
         return copy.deepcopy(spec)  # one instance per layer: schedules and ReAct's beta are per layer
     if isinstance(spec, str):
-        return quantizers.get(spec)
+        spec = {"name": spec}
     if isinstance(spec, dict):
         spec = dict(spec)
         if "name" not in spec:
             raise ValueError(f"a quantizer spec dict needs a 'name' key, got {spec!r}")
-        return quantizers.get(spec.pop("name"), **spec)
+        name = spec.pop("name")
+        defaults = ACTIVATION_SCHEDULES.get(name, {}) if role == "activation" else {}
+        return quantizers.get(name, **{**defaults, **spec})
     raise ValueError(f"cannot make a quantizer from {spec!r}: give a name, a dict with 'name', or None")
+
+
+def default_schedules(name: str, role: str = "weight") -> dict[str, Schedule]:
+    """The schedules pair `name` gets by default in `role` (registered ones, then the role's overrides)."""
+    q = make_quantizer(name, role)
+    return dict(q.param_schedules)
 
 
 def activation_pair(spec, channels: int) -> tuple[Quantizer | None, float | None]:
@@ -34,7 +61,7 @@ def activation_pair(spec, channels: int) -> tuple[Quantizer | None, float | None
     `act_threshold`, sized from the layer (a `channels` that disagrees is refused), and the pair keeps a
     fixed beta of 0 so that the shift is applied once.
     """
-    q = make_quantizer(spec)
+    q = make_quantizer(spec, "activation")
     if q is None or not q.opts.get("learnable_beta"):
         return q, None
     wanted = q.opts.get("channels")

@@ -68,7 +68,7 @@ class BinarizeSpec:
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
         make_quantizer(self.weight)  # validates names and parameters now, before any surgery
-        make_quantizer(self.activation)
+        make_quantizer(self.activation, "activation")
 
     @property
     def task(self) -> str:

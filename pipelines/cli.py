@@ -37,6 +37,7 @@ PROGRESS_POINTS = (0.0, 0.5, 1.0)
 
 def cmd_quantizers(args) -> int:
     from pcpp import quantizers, theory
+    from pcpp.specs import make_quantizer
 
     rows = []
     for name in quantizers.names():
@@ -44,8 +45,10 @@ def cmd_quantizers(args) -> int:
         verdicts = [theory.check(quantizers.get(name).set_progress(p)) for p in PROGRESS_POINTS]
         ok = {v.admissible for v in verdicts}
         verdict = "admissible" if ok == {True} else "not admissible" if ok == {False} else "depends on progress"
-        rows.append((name, q.forward_formula, q.backward_formula, q.describe(), verdict))
-    header = ("name", "forward F", "backward B", "default schedule", "Corollary 1")
+        on_activations = make_quantizer(name, "activation").describe()
+        rows.append((name, q.forward_formula, q.backward_formula, q.describe(),
+                     "same" if on_activations == q.describe() else on_activations, verdict))
+    header = ("name", "forward F", "backward B", "default schedule", "on activations", "Corollary 1")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
