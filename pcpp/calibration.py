@@ -251,13 +251,16 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     (training, honest, momentum) are as before on return. `reduce`, when given, is called on each
     running_mean / running_var tensor after the pass and must average it in place over the workers
     (torch.distributed all_reduce / world size), so that every rank keeps the same statistics.
-    LayerNorm and models without BatchNorm are untouched. Returns the number of BatchNorms re-estimated
-    (0: nothing to do). Raises ValueError when `batches` is empty and the model has a BatchNorm.
+    LayerNorm and models without BatchNorm are untouched, and so is a BatchNorm the eval-mode forward
+    never reaches (a training-only branch). Floating inputs are cast to the dtype of the model's
+    parameters (fp16 under DeepSpeed). Returns the number of BatchNorms (0: nothing to do). Raises
+    ValueError when `batches` is empty and the model has a BatchNorm.
     """
     norms = _batchnorms(model)
     if not norms:
         return 0
     device = _device(model) if device is None else torch.device(device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in norms}
     seen = 0
@@ -268,11 +271,17 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
                 m.momentum = None  # cumulative moving average: every batch counts the same
                 m.train()
             for batch in batches:
-                model(_inputs(batch).to(device))
+                x = _inputs(batch).to(device)
+                model(x.to(dtype) if x.is_floating_point() else x)  # a half-precision model gets half inputs
                 seen += 1
         if seen == 0:
             raise ValueError("recalibrate_batchnorm_ needs at least one batch")
-        if reduce is not None:
+        for m, (_, mean, var, count) in saved.items():
+            if int(m.num_batches_tracked) == 0:  # not on the eval-mode path (a training-only head): as it was
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        if reduce is not None:  # every BatchNorm, reached or not: each rank makes the same calls
             for m in norms:
                 reduce(m.running_mean)
                 reduce(m.running_var)

@@ -30,10 +30,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | No
     where batches go (default: the model's parameters' device). Total 0 for an empty loader.
     """
     device = _device(model) if device is None else torch.device(device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     correct = total = 0
     with evaluation(model, honest), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
+            x = x.to(dtype) if x.is_floating_point() else x  # a half-precision model gets half inputs
             correct += int((model(x).argmax(1) == y).sum())
             total += y.numel()
     return correct, total

@@ -187,7 +187,9 @@ class PipelineConfig(ConfigDocument):
             "data": DataStageConfig(train=self.data.train, test=self.data.test, shard_size=self.data.shard_size),
             "teacher": TeacherConfig(source=t.source, path=t.path, uri=t.uri, model=self.model,
                                      eval_limit=loader.eval_limit, training=teacher_run),
-            "pretrain": training("pretrain", TrainSection(seed=self.train.seed, optim=optim(p.epochs, p.lr)),
+            "pretrain": training("pretrain", TrainSection(  # the train section's BatchNorm re-estimation too
+                seed=self.train.seed, optim=optim(p.epochs, p.lr),
+                algorithm=AlgorithmConfig(bn_recalibration_batches=self.train.algorithm.bn_recalibration_batches)),
                                  self.binarize),
             "train": training("train", self.train, self.binarize),
             "sensitivity": SensitivityConfig(**{f.name: getattr(self.sensitivity, f.name)

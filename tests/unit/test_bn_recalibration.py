@@ -8,6 +8,8 @@ import pcpp.layers as pl
 from pcpp.calibration import recalibrate_batchnorm_
 from pcpp.layers import BinaryConv2d
 
+pytestmark = pytest.mark.unit
+
 
 def conv_bn(act=None) -> nn.Sequential:
     torch.manual_seed(0)
@@ -82,3 +84,27 @@ def test_nothing_changes_without_batches_or_without_batchnorm():
         assert torch.equal(v, before[k]), k
     assert bn.momentum == 0.1
     assert recalibrate_batchnorm_(nn.Sequential(BinaryConv2d(3, 4, 3), nn.LayerNorm(4)), batches()) == 0
+
+
+def test_a_batchnorm_off_the_eval_path_keeps_its_statistics():
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main, self.aux = conv_bn("bnn"), nn.BatchNorm2d(4)  # aux: a branch forward never calls
+
+        def forward(self, x):
+            return self.main(x)
+
+    model = WithAux()
+    with torch.no_grad():
+        model.aux.running_mean.fill_(0.7)
+    model.aux.num_batches_tracked.fill_(9)
+    assert recalibrate_batchnorm_(model, batches()) == 2
+    assert torch.equal(model.aux.running_mean, torch.full((4,), 0.7)) and int(model.aux.num_batches_tracked) == 9
+    assert int(model.main[1].num_batches_tracked) == 3
+
+
+def test_a_half_precision_model_gets_half_inputs():
+    model = conv_bn("bnn").to(torch.bfloat16)
+    assert recalibrate_batchnorm_(model, batches()) == 1
+    assert model[1].running_mean.dtype == torch.bfloat16 and torch.isfinite(model[1].running_var).all()

@@ -7,6 +7,8 @@ from torch import nn
 from pcpp.evaluation import accuracy, evaluate
 from pcpp.layers import BinaryLinear
 
+pytestmark = pytest.mark.unit
+
 
 def test_counts_the_honest_binary_forward_and_restores_flags():
     torch.manual_seed(0)

@@ -47,6 +47,7 @@ READERS = {
     "teacher.epochs": set(), "teacher.lr": set(),  # read only when the teacher is trained (below)
     "pretrain.enabled": set(), "pretrain.epochs": {"pretrain"}, "pretrain.lr": {"pretrain"},
     "train.seed": TRAINING, "train.init": {"train"},
+    "train.algorithm.bn_recalibration_batches": TRAINING,
     "sensitivity.enabled": set(), "export.enabled": set(),  # which stages run, not what they compute
     "export.precision": {"export"},
     "tracking.experiment": set(), "tracking.tracking_uri": set(),  # the run's MLflow store, given as context

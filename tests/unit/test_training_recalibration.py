@@ -12,6 +12,7 @@ import torch
 
 from pcpp.calibration import recalibrate_batchnorm_
 from pcpp.evaluation import accuracy
+from pcpp.layers import binary_layers
 
 pytestmark = pytest.mark.unit
 
@@ -20,7 +21,7 @@ def bn_stats(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
 
 
-def make_run(shards, tmp_path, batches: int):
+def make_run(shards, tmp_path, batches: int, accumulator_bits=None):
     from stages.config import TrainConfig, build
     from stages.training import TrainingRun
 
@@ -28,7 +29,7 @@ def make_run(shards, tmp_path, batches: int):
     cfg = build(TrainConfig, {
         "name": "recal", "init": "random", "model": {"name": "resnet20", "num_classes": 4},
         "data": {"train": str(train), "test": str(test), "batch_size": 8, "epoch_length": 24},
-        "binarize": {"weight": "bnn++", "activation": "bnn++"},
+        "binarize": {"weight": "bnn++", "activation": "bnn++", "accumulator_bits": accumulator_bits},
         "algorithm": {"bn_recalibration_batches": batches},
         "optim": {"name": "sgd", "lr": 0.05, "epochs": 1},
         "distributed": {"num_workers": 1}, "tracking": {"run_root": str(tmp_path)}})
@@ -39,10 +40,17 @@ def make_run(shards, tmp_path, batches: int):
 
 
 def test_the_saved_network_is_the_recalibrated_one_it_evaluated(shards, process_group, tmp_path):
-    run = make_run(shards, tmp_path, batches=2)
+    run = make_run(shards, tmp_path, batches=2, accumulator_bits=8)  # BWAA: overflow counters too
     run.train()
     run.cleanup()
     assert run.status == "finished"
+    norms = [m for m in run.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {int(m.num_batches_tracked) for m in norms} == {2}  # the 2 recalibration batches, not the steps
+    counters = [(m.overflow_count.clone(), m.accumulator_count.clone()) for _, m in binary_layers(run.module)]
+    assert sum(int(a) for _, a in counters) > 0
+    run.recalibrate_bn()  # the epoch's overflow rate counts training steps only
+    assert all(torch.equal(m.overflow_count, o) and torch.equal(m.accumulator_count, a)
+               for (_, m), (o, a) in zip(binary_layers(run.module), counters))
     final = torch.load(tmp_path / "run" / "final" / "model.pt", weights_only=True)
     saved = {k: v for k, v in final.items() if k.endswith(("running_mean", "running_var"))}
     assert saved
@@ -64,6 +72,8 @@ def test_zero_batches_keeps_the_training_statistics(shards, process_group, tmp_p
     run = make_run(shards, tmp_path, batches=0)
     assert run.recalibrate_bn() == 0
     run.train()
+    norms = [m for m in run.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {int(m.num_batches_tracked) for m in norms} == {run.step}  # training's own statistics
     trained = bn_stats(run.module)
     run.train_loader.set_epoch(0)
     recalibrate_batchnorm_(run.module, list(islice(iter(run.train_loader), 2)))
