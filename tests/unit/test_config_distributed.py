@@ -101,13 +101,31 @@ def test_the_fault_hook_is_checked_and_targets_one_worker(tmp_path, monkeypatch)
 def test_keyed_dict_is_asdict_without_the_runtime_fields():
     import dataclasses
 
+    from pcpp.specs import make_quantizer
     from stages.config import keyed_dict
 
     c = cfg(storage_path="s3://b/p", max_failures=5)
     expected = dataclasses.asdict(c)
     for key in ("storage_path", "max_failures", "checkpoints_to_keep", "placement_strategy"):
         expected["distributed"].pop(key)
+    # the binarize spec's quantizers as they resolve, so that a new default schedule is a new key
+    expected["binarize"]["weight"] = make_quantizer(c.binarize.weight).state()
+    assert c.binarize.activation is None and expected["binarize"]["activation"] is None
     assert keyed_dict(c) == expected and c.digest() == cfg().digest()
+
+
+def test_a_new_default_schedule_is_a_new_run_directory(monkeypatch):
+    from pcpp import specs
+    from pcpp.schedules import loglinear
+
+    c = cfg()
+    c.binarize.activation = "bnn++"
+    before = c.digest()
+    monkeypatch.setitem(specs.ACTIVATION_SCHEDULES, "bnn++", {"mu": loglinear(0.5, 20.0)})
+    implicit = c.digest()
+    assert implicit != before
+    c.binarize.activation = {"name": "bnn++", "mu": {"kind": "loglinear", "start": 0.5, "end": 20.0}}
+    assert c.digest() == implicit  # the same schedule, spelled out, is the same run
 
 
 def test_a_relaunch_naming_another_storage_path_is_refused_while_the_first_holds_the_run(tmp_path):
