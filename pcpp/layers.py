@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pcpp.accumulators import WrapSTE, wrap_integer  # noqa: F401  (wrap_integer: public here too)
+from pcpp.accumulators import WrapSTE, wrap_integer, wrap_scale  # noqa: F401  (WrapSTE, wrap_integer: public here too)
 from pcpp.quantizers import Quantizer
 from pcpp.specs import activation_pair, make_quantizer  # noqa: F401  (make_quantizer: public here too)
 
@@ -119,12 +119,16 @@ class BinaryMixin:
         if self.latent_forward:
             return w / s
         if self.units == "scaled":
-            return self.weight_quantizer(w / s)
+            return self.weight_quantizer.apply_pair(w, scale=s)
         return self.weight_quantizer(w)
 
     def effective_weight(self) -> torch.Tensor:
-        """What the op sees: s times the unit weight."""
-        return self.weight_scale() * self.unit_weight()
+        """What the op sees: s times the unit weight (in training, one fused pair: s F(w*/s) or s F(w*))."""
+        if self.honest or self.latent_forward:
+            return self.weight_scale() * self.unit_weight()
+        s = self.weight_scale()
+        return self.weight_quantizer.apply_pair(self.weight, scale=s if self.units == "scaled" else None,
+                                                out_scale=s)
 
     def soft_fraction(self) -> float:
         """Share of weights whose training-forward value lies more than 1% of s away from +-s."""
@@ -144,8 +148,10 @@ class BinaryMixin:
         q = self.act_quantizer
         if q is None:
             return x
-        x = self.shift_input(x)
-        return q.binarize(x) if self.honest else q(x)
+        if self.honest:
+            return q.binarize(self.shift_input(x))
+        shift = None if self.act_threshold is None else self._input_view(self.act_threshold)
+        return q(x) if shift is None else q.apply_pair(x, shift=shift)
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,15 +163,13 @@ class BinaryMixin:
         dtype, exact = x.dtype, torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             acc = self._op(x.to(exact), self.unit_weight().to(exact), None)
+        # One pass: wrap, scale (after the wrap: the integers wrap, not s times them), cast, bias, overflow count.
+        bias = None if self.bias is None else self._channel_view(self.bias, acc)
+        out, overflow = wrap_scale(acc, self._channel_view(self.weight_scale().to(exact), acc), bias,
+                                   self.accumulator_bits, dtype)
         with torch.no_grad():
-            half = 2 ** (self.accumulator_bits - 1)
-            self.overflow_count += ((acc < -half) | (acc > half - 1)).sum()
+            self.overflow_count += overflow
             self.accumulator_count += acc.numel()
-        acc = WrapSTE.apply(acc, self.accumulator_bits)
-        s = self.weight_scale()
-        out = (acc * self._channel_view(s.to(exact), acc)).to(dtype)
-        if self.bias is not None:
-            out = out + self._channel_view(self.bias, acc)
         return out
 
     def _channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

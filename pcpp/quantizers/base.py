@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from pcpp import kernels
+from pcpp.quantizers import fused
 from pcpp.quantizers.functions import sign
 from pcpp.registry import Registry
 from pcpp.registry import unknown as _unknown
@@ -60,6 +62,10 @@ class _Pair(torch.autograd.Function):
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
         return grad * ctx.backward_fn(w, **ctx.params), None, None, None
+
+
+def _constant(v):
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
 class Quantizer(nn.Module):
@@ -128,7 +134,25 @@ class Quantizer(nn.Module):
         return self.backward_fn(w, **self.params)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _Pair.apply(w, self.forward_fn, self.backward_fn, self.params)
+        return self.apply_pair(w)
+
+    def apply_pair(self, x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   out_scale: torch.Tensor | None = None, params: dict | None = None) -> torch.Tensor:
+        """out_scale * F((x - shift) / scale) with autograd: gradient grad * out_scale * B(.) / scale to x and
+        its negative, summed to shift's shape, to shift (an activation threshold). scale and out_scale (the
+        weight scale s) are detached constants; None skips a step; params default to the current ones.
+
+        One fused pass per tensor (pcpp.quantizers.fused) unless pcpp.kernels selects the reference path,
+        which composes the same steps from separate autograd ops.
+        """
+        params = self.params if params is None else params
+        if kernels.fused():
+            return fused.apply(x, self.forward_fn, self.backward_fn, params, shift, scale, out_scale)
+        u = x if shift is None else x - shift
+        if scale is not None:
+            u = u / _constant(scale)
+        y = _Pair.apply(u, self.forward_fn, self.backward_fn, params)
+        return y if out_scale is None else _constant(out_scale) * y
 
     def binarize(self, w: torch.Tensor) -> torch.Tensor:
         """The honest binary value the pair converges to: sign(w) (identity for fp, shifted for ReAct)."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from pcpp.prox import prox_linear
 from pcpp.quantizers import functions as fn
-from pcpp.quantizers.base import Quantizer, _Pair, register
+from pcpp.quantizers.base import Quantizer, register
 from pcpp.schedules import constant, linear, loglinear
 
 
@@ -312,5 +312,5 @@ class ReAct(Quantizer):
     def forward(self, w):
         if self.beta is None:
             return super().forward(w)
-        # Shift first, so autograd carries the gradient to beta: d/dbeta = -grad * B(w - beta).
-        return _Pair.apply(w - self._shift(w), self.forward_fn, self.backward_fn, {"beta": 0.0})
+        # The shift is a tensor, so the gradient reaches beta: d/dbeta = -grad * B(w - beta).
+        return self.apply_pair(w, shift=self._shift(w), params={"beta": 0.0})

@@ -1,0 +1,231 @@
+"""Fused kernels (pcpp.kernels, pcpp.quantizers.fused, pcpp.accumulators.wrap_scale) against the reference path.
+
+The reference path (PCPP_FUSED=0) composes each step from separate autograd ops, the code before fusion: it is
+the ground truth. Every registered pair, at several progress values, as a weight pair (scaled and raw units,
+layer and channel scales), as an activation pair (with and without a threshold), and BWAA layers' wrapped
+outputs: outputs and gradients agree to 1e-6 (fp32; relative to the tensor's largest magnitude, which reaches
+30 for bnn++'s B at mu = 30). Inputs include exact zeros and the clip points +-1 (and +-s).
+
+The eager fused kernels run here at every size. The compiled ones (torch.compile: seconds per kernel, a minute
+cold on 2 busy cores) are checked in tests/integration/test_fused_compiled.py with these helpers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pcpp import kernels, quantizers
+from pcpp.layers import BinaryConv2d, BinaryLinear, set_progress
+
+pytestmark = pytest.mark.unit
+
+PROGRESS = (0.0, 0.37, 1.0)
+TOL = 1e-6
+
+
+def close(got: torch.Tensor, ref: torch.Tensor, what: str, exact: torch.Tensor | None = None) -> None:
+    """got == ref to TOL relative to ref's largest magnitude; with `exact` (the reference in float64), plus twice
+    the reference's own float32 rounding error (see test_compiled_pairs_equal_reference)."""
+    atol = TOL * (max(1.0, float(ref.detach().abs().max())) if ref.numel() else 1.0)
+    if exact is not None:
+        atol += 2.0 * float((ref.double() - exact).abs().max())
+    torch.testing.assert_close(got, ref, rtol=TOL, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def as_double(v):
+    return None if v is None else v.double()
+
+
+SPECIAL = torch.tensor([0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0])  # zeros and clip points
+
+
+def latent(shape, seed=0, shift=None) -> torch.Tensor:
+    """Random values whose first entries minus `shift` are exactly SPECIAL (shift is dyadic: exact sums)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 1.5
+    offset = torch.zeros(shape) if shift is None else shift.expand(shape)
+    x.view(-1)[: SPECIAL.numel()] = SPECIAL + offset.reshape(-1)[: SPECIAL.numel()]
+    return x
+
+
+def run_case(mode, q, x, shift=None, scale=None, out_scale=None):
+    """(output, grad x, grad shift) of q.apply_pair under a kernels mode, for a fixed upstream gradient."""
+    x = x.detach().clone().requires_grad_()
+    shift = None if shift is None else shift.detach().clone().requires_grad_()
+    with kernels.using(mode):
+        y = q.apply_pair(x, shift=shift, scale=scale, out_scale=out_scale)
+        g = torch.linspace(-1.0, 2.0, y.numel(), dtype=y.dtype).reshape(y.shape)
+        y.backward(g)
+    return y.detach(), x.grad, None if shift is None else shift.grad
+
+
+CASES = {  # name -> (x shape, shift shape, scale, out_scale)
+    "plain": ((3, 4, 5, 5), None, None, None),
+    "threshold_conv": ((3, 4, 5, 5), (4, 1, 1), None, None),
+    "threshold_tokens": ((2, 6, 8), (8,), None, None),
+    "weight_scaled": ((6, 4, 3, 3), None, "layer", "layer"),
+    "weight_raw": ((6, 4, 3, 3), None, None, "layer"),
+    "weight_channel": ((6, 4, 3, 3), None, "channel", "channel"),
+}
+
+
+def scale_of(x: torch.Tensor, kind):
+    if kind is None:
+        return None
+    return x.abs().mean() if kind == "layer" else x.abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def case_inputs(case):
+    xshape, sshape, scale, out_scale = CASES[case]
+    shift = None if sshape is None else torch.round(torch.randn(sshape, generator=torch.Generator().manual_seed(1))
+                                                    * 2.0) / 8.0
+    x = latent(xshape, shift=shift)
+    if out_scale is not None:  # weights: a typical scale, and the first ones exactly at 0, s, -s
+        x = x * 0.1
+        s = float(scale_of(x, out_scale).reshape(-1)[0])
+        x.view(-1)[:3] = torch.tensor([0.0, s, -s])
+    return x, shift, scale_of(x, scale), scale_of(x, out_scale)
+
+
+def compare(q, case, mode):
+    x, shift, scale, out_scale = case_inputs(case)
+    ref = run_case("reference", q, x, shift, scale, out_scale)
+    got = run_case(mode, q, x, shift, scale, out_scale)
+    exact = [None] * 3
+    if mode != "eager":  # compiled: its own (equally valid) roundings; measure the reference's
+        exact = run_case("reference", q, *map(as_double, (x, shift, scale, out_scale)))
+    for what, r, g, e in zip(("output", "grad x", "grad shift"), ref, got, exact, strict=True):
+        if r is None:
+            assert g is None, what
+        else:
+            close(g, r, f"{q.name} {case} progress {q.progress} {what}", e)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", quantizers.names())
+def test_eager_fused_pair_equals_reference(name, case):
+    q = quantizers.get(name)
+    for p in PROGRESS:
+        compare(q.set_progress(p), case, "eager")
+
+
+@pytest.mark.parametrize("name", quantizers.names())
+def test_fused_is_the_default_and_reference_is_selectable(name):
+    assert kernels.mode() in ("auto", "eager", "compile")  # PCPP_FUSED unset in the test run
+    q = quantizers.get(name).set_progress(0.5)
+    x = latent((4, 3)).requires_grad_()
+    with kernels.using("reference"):
+        assert q(x).grad_fn.name() == "_PairBackward"
+    assert q(x).grad_fn.name() == "FusedPairBackward"
+
+
+def test_react_learnable_beta_gets_the_fused_gradient():
+    torch.manual_seed(0)
+    results = {}
+    for mode in ("reference", "eager"):
+        q = quantizers.get("react", learnable_beta=True, channels=4, beta=0.2)
+        x = latent((3, 4, 5, 5)).requires_grad_()
+        with kernels.using(mode):
+            y = q(x)
+            y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results[mode] = (y.detach(), x.grad, q.beta.grad)
+    for r, g in zip(results["reference"], results["eager"], strict=True):
+        close(g, r, "react learnable beta")
+
+
+def layer_step(mode, make, progress, x):
+    """Output, input gradient and every parameter gradient of one binarized layer's forward + backward."""
+    torch.manual_seed(0)
+    layer = make().to(x.dtype)
+    if layer.accumulator_bits:  # half the output channels all positive: their accumulators reach the wrap
+        with torch.no_grad():
+            layer.weight[: layer.weight.shape[0] // 2].abs_()
+    set_progress(layer, progress)
+    x = x.detach().clone().requires_grad_()
+    with kernels.using(mode):
+        y = layer(x)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape))
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    return y.detach(), x.grad, grads, int(layer.overflow_count)
+
+
+LAYERS = {
+    "conv_bwaa_layer": (lambda: BinaryConv2d(16, 8, 3, padding=1, bias=True, act_quantizer="bnn++", accumulator_bits=8),
+                        (2, 16, 6, 6)),
+    "conv_bwaa_channel": (lambda: BinaryConv2d(16, 8, 3, padding=1, bias=False, act_quantizer="bnn",
+                                               accumulator_bits=8, scaling="channel"), (2, 16, 6, 6)),
+    "linear_bwaa": (lambda: BinaryLinear(300, 7, act_quantizer="bnn++", accumulator_bits=8), (3, 5, 300)),
+    "conv_bwa_raw": (lambda: BinaryConv2d(4, 6, 3, act_quantizer="ede+", units="raw"), (2, 4, 7, 7)),
+    "linear_bw": (lambda: BinaryLinear(9, 5, weight_quantizer="pc"), (4, 9)),
+}
+
+
+def compare_layer(case, mode, progress):
+    make, shape = LAYERS[case]
+    x = latent(shape, seed=3) + 2.5  # mostly positive, so that BWAA accumulators overflow
+    ref = layer_step("reference", make, progress, x)
+    got = layer_step(mode, make, progress, x)
+    exact = layer_step("reference", make, progress, x.double()) if mode != "eager" else (None, None, {})
+    what = f"{case} progress {progress}"
+    close(got[0], ref[0], f"{what} output", exact[0])
+    close(got[1], ref[1], f"{what} grad x", exact[1])
+    assert got[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        close(got[2][n], ref[2][n], f"{what} grad {n}", exact[2].get(n))
+    assert got[3] == ref[3], f"{what} overflow count"
+    return ref
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS))
+def test_eager_fused_layers_equal_reference(case):
+    for p in PROGRESS:
+        ref = compare_layer(case, "eager", p)
+    if "bwaa" in case:
+        assert ref[3] > 0, "the inputs should make some accumulators wrap"
+
+
+def test_unknown_mode_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'fast'.*auto, compile, eager, reference"):
+        kernels.set_mode("fast")
+
+
+def test_mode_aliases_and_restore():
+    before = kernels.mode()
+    with kernels.using("0"):
+        assert kernels.mode() == "reference" and not kernels.fused()
+        with kernels.using("1"):
+            assert kernels.mode() == "auto" and kernels.fused()
+    assert kernels.mode() == before
+
+
+def test_a_failing_compiler_falls_back_once_with_a_warning(monkeypatch):
+    calls = []
+
+    def broken(fn):
+        def compiled(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(kernels, "_compiled_kernel", lambda fn, name: broken(fn))
+    monkeypatch.setattr(kernels, "_broken", {})
+    q = quantizers.get("bnn++").set_progress(0.5)
+    x = latent((3, 4, 5, 5))
+    with kernels.using("compile"):
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*run eagerly"):
+            y = q(x)
+        y2 = q(x)  # no second attempt, no second warning
+    assert len(calls) == 1 and "cpu" in kernels.compile_failures()
+    with kernels.using("reference"):
+        close(y, q(x), "fallback output")
+    close(y2, y, "second call")
+
+
+def test_bad_inputs_raise_and_do_not_disable_compiling(monkeypatch):
+    monkeypatch.setattr(kernels, "_compiled_kernel", lambda fn, name: fn)
+    monkeypatch.setattr(kernels, "_broken", {})
+    q = quantizers.get("bnn++")
+    with kernels.using("compile"), pytest.raises(RuntimeError):
+        q.apply_pair(torch.zeros(3, 4), shift=torch.zeros(5))
+    assert kernels.compile_failures() == {}
