@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import engine_fixtures  # noqa: E402  (tests/unit on sys.path, pytest's rootdir-less import mode)
 import pytest
 import torch
 
 from pcpp import layers
 from pcpp.rules import RULES, UpdateRule, register
 from pcpp.schedules import progress_at
+
+shards, process_group = engine_fixtures.shards, engine_fixtures.process_group  # the fixtures these tests use
 
 pytestmark = pytest.mark.unit
 

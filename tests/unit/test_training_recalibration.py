@@ -7,12 +7,15 @@ import copy
 import json
 from itertools import islice
 
+import engine_fixtures  # noqa: E402  (tests/unit on sys.path, pytest's rootdir-less import mode)
 import pytest
 import torch
 
 from pcpp.calibration import recalibrate_batchnorm_
 from pcpp.evaluation import accuracy
 from pcpp.layers import binary_layers
+
+shards, process_group = engine_fixtures.shards, engine_fixtures.process_group  # the fixtures these tests use
 
 pytestmark = pytest.mark.unit
 

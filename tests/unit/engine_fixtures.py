@@ -1,4 +1,7 @@
-"""Fixtures of the unit tests that run the training engine in this process (stages.training.TrainingRun)."""
+"""Fixtures of the unit tests that run the training engine in this process (stages.training.TrainingRun).
+
+Imported by name into the test modules that use them (a tests/unit/conftest.py would shadow the
+`conftest` module that integration tests import helpers from)."""
 
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ def process_group():
         mp.setenv("GLOO_SOCKET_IFNAME", loopback_interface())
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
             mp.setenv(key, value)
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        created = not dist.is_initialized()  # each module that imports the fixture gets its own instance
+        if created:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         yield
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
