@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--kernels", nargs="+", default=[kernels.mode()], choices=kernels.MODES,
                         help="pcpp.kernels path(s) of the binarized models, measured in the same rounds")
     args = parser.parse_args()
@@ -101,9 +102,9 @@ def main() -> None:
         if label not in args.models:
             continue
         steppers = {FP: Stepper(build(name, kwargs, None), args.batch)}
-        for task, spec in TASKS.items():
+        for task in args.tasks:
             for path in args.kernels:
-                steppers[(task, path)] = Stepper(build(name, kwargs, spec), args.batch, path)
+                steppers[(task, path)] = Stepper(build(name, kwargs, TASKS[task]), args.batch, path)
         warmup, times, cpu = step_times(steppers, args.steps)
         fp, fp_min, fp_cpu = statistics.median(times[FP]), min(times[FP]), min(cpu[FP])
         for key, t in times.items():

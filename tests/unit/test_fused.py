@@ -12,10 +12,13 @@ cold on 2 busy cores) are checked in tests/integration/test_fused_compiled.py wi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from pcpp import kernels, quantizers
+from pcpp.accumulators import wrap_by_floor, wrap_integer
 from pcpp.layers import BinaryConv2d, BinaryLinear, set_progress
 
 pytestmark = pytest.mark.unit
@@ -111,13 +114,25 @@ def test_eager_fused_pair_equals_reference(name, case):
 
 
 @pytest.mark.parametrize("name", quantizers.names())
-def test_fused_is_the_default_and_reference_is_selectable(name):
-    assert kernels.mode() in ("auto", "eager", "compile")  # PCPP_FUSED unset in the test run
+def test_without_autograd_only_f_is_computed(name):
+    q = quantizers.get(name).set_progress(0.37)
+    x, shift, _, _ = case_inputs("threshold_conv")
+    with kernels.using("reference"):
+        want = q.apply_pair(x, shift=shift)
+    with torch.no_grad():
+        got = q.apply_pair(x.requires_grad_(), shift=shift)
+    assert got.grad_fn is None and torch.equal(got, want.detach())
+    assert torch.equal(q.apply_pair(x.detach(), shift=shift), want.detach())  # nothing requires a gradient
+
+
+@pytest.mark.parametrize("name", quantizers.names())
+def test_reference_and_fused_paths_are_selectable(name):
     q = quantizers.get(name).set_progress(0.5)
     x = latent((4, 3)).requires_grad_()
     with kernels.using("reference"):
         assert q(x).grad_fn.name() == "_PairBackward"
-    assert q(x).grad_fn.name() == "FusedPairBackward"
+    with kernels.using("auto"):
+        assert q(x).grad_fn.name() == "FusedPairBackward"
 
 
 def test_react_learnable_beta_gets_the_fused_gradient():
@@ -185,9 +200,29 @@ def test_eager_fused_layers_equal_reference(case):
         assert ref[3] > 0, "the inputs should make some accumulators wrap"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_wrap_by_floor_is_wrap_integer_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.cat([
+        torch.arange(-70000, 70000, 7, dtype=torch.float64),  # integers, far past the 8-bit range
+        torch.randn(20000, generator=gen, dtype=torch.float64) * 300,  # soft accumulators (training forward)
+        torch.tensor([0.0, -0.0, 127.0, 127.5, 128.0, -128.0, -128.5, -129.0, 255.99, 2.0**25 + 2, -(2.0**40)]),
+    ]).to(dtype)
+    as_int = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    for bits in (8, 4, 16):  # compared as raw bits: -0.0 and +0.0 differ there
+        assert torch.equal(wrap_by_floor(z, bits).view(as_int), wrap_integer(z, bits).view(as_int)), bits
+
+
 def test_unknown_mode_lists_the_valid_ones():
     with pytest.raises(ValueError, match="'fast'.*auto, compile, eager, reference"):
         kernels.set_mode("fast")
+
+
+def test_fused_is_the_default_without_pcpp_fused(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels._check(os.environ.get(kernels.ENV, "auto")) == "auto"
+    for value, mode in (("0", "reference"), ("1", "auto"), ("", "auto"), (" Eager ", "eager")):
+        assert kernels._check(value) == mode
 
 
 def test_mode_aliases_and_restore():
