@@ -263,6 +263,7 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in norms}
+    counters = [(m, m.overflow_count.clone(), m.accumulator_count.clone()) for _, m in binary_layers(model)]
     seen = 0
     try:
         with evaluation(model, honest=True):
@@ -294,4 +295,7 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     finally:
         for m, (momentum, *_) in saved.items():
             m.momentum = momentum
+        for m, overflows, accumulated in counters:  # BWAA's overflow rate counts training steps only
+            m.overflow_count.copy_(overflows)
+            m.accumulator_count.copy_(accumulated)
     return len(norms)

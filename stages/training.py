@@ -396,15 +396,9 @@ class TrainingRun:
             torch.distributed.all_reduce(t)
             t.div_(self.world)
 
-        counters = [(m, m.overflow_count.clone(), m.accumulator_count.clone())
-                    for _, m in layers.binary_layers(self.module)]
         with contextlib.closing(iter(self.train_loader)) as batches:  # its workers end even on an error
-            done = recalibrate_batchnorm_(self.module, islice(batches, n), device=self.device,
+            return recalibrate_batchnorm_(self.module, islice(batches, n), device=self.device,
                                           reduce=average if self.world > 1 else None)
-        for m, overflows, accumulated in counters:  # BWAA's overflow_rate counts the epoch's steps only
-            m.overflow_count.copy_(overflows)
-            m.accumulator_count.copy_(accumulated)
-        return done
 
     def epoch_metrics(self, stats: EpochStats, signs_before: dict) -> dict:
         loss_sum, correct, seen = all_sum([stats.loss_sum, stats.correct, stats.seen], self.device)
