@@ -1,18 +1,26 @@
-"""CIFAR-10 ResNet-20 fine-tuning benchmark: the paper's Table 2 layout on the ../shared JPEG data.
+"""CIFAR-10 ResNet-20 fine-tuning study: the paper's Table 2 layout on the ../shared JPEG data.
 
-Fine-tunes (pipeline 'ft') the full-precision ResNet-20 teacher for each variant and task through the
-training engine (Ray Train + DeepSpeed, `stages.engine.fit`), then prints the final honest binary accuracy
-per task (rows BW / BWA / BWAA) and variant (columns; FP = full-precision fine-tuning on the same data),
-and a second table with wall time, throughput and the honesty figures of every run. Prints figures only.
+Fine-tunes (pipeline 'ft') the full-precision ResNet-20 teacher for each variant, task and seed through the
+training engine (Ray Train + DeepSpeed, `stages.engine.fit`); every run is an MLflow child of one study run.
+After every run it rewrites, under `--out` (default RUN_ROOT/report), the tables of pipelines.report built
+from the MLflow store: `table2.md` (accuracy: rows BW / BWA / BWAA, columns the variants, honest binary
+accuracy in %, mean ± std over seeds; honesty: the forward/binary gap and soft fraction of each run; the runs'
+wall times), `table2.csv`, `table2-honesty.csv`, `table2-runs.csv` and the figure `table2.png`, and logs them
+to the study run. A crash or reboot loses at most the run in progress:
 
-    PYTHONPATH=. .venv/bin/python bench/cifar10_resnet20.py --epochs 5
+    PYTHONPATH=. .venv/bin/python bench/cifar10_resnet20.py --epochs 3 --tasks BW,BWA,BWAA \
+        --variants fp,bc,pc,bnn,bnn+,bnn++,pq,rpc --extra-seeds bnn:BW:1,bnn++:BW:1 \
+        --run-root runs/table2 --resume            # the same command again after a reboot continues
     PYTHONPATH=. .venv/bin/python bench/cifar10_resnet20.py --variants fp,bnn++ --tasks BW \
         --epoch-length 2048 --eval-limit 2000          # smoke run, a few minutes on 2 cores
 
+`--resume` (bench/study.py): a run whose MLflow run ended finished or diverged is not rerun; one with epochs
+recorded resumes from its last epoch's checkpoint; a run directory made with other settings is refused.
 Variants: 'fp' (binarize: null, run once, shown in every row), any registered pair ('bc', 'bnn', 'bnn+',
 'bnn++', 'poly', 'ede', ...) trained with PC++, or an update rule 'pq' / 'rpc' / 'ptb' (weights binarized
 with 'bc' as the target). Tasks: BW (weights), BWA (+ activations with the same pair; 'bc' for the rules),
-BWAA (+ 8-bit wrapped accumulators). All runs land in one MLflow SQLite store under the run root.
+BWAA (+ 8-bit wrapped accumulators). Seeds: `--seed` for every run, `--extra-seeds VARIANT:TASK:SEED,...`
+for more runs of some cells. All runs land in one MLflow SQLite store under the run root.
 """
 
 from __future__ import annotations
@@ -22,15 +30,17 @@ import csv
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
+from bench import study  # noqa: E402
 from cluster.local import ensure_ray, tracking_uri  # noqa: E402
 from pcpp import quantizers, rules, tasks  # noqa: E402
+from pipelines import report  # noqa: E402
 from stages import data as sdata  # noqa: E402
 from stages.config import TrainConfig, build  # noqa: E402
 from stages.engine import fit  # noqa: E402
@@ -40,41 +50,23 @@ TASKS = tasks.TASKS
 RULE_VARIANTS = tuple(r for r in rules.rule_names() if r != "pc++")  # pq, rpc, ptb
 RULE_TARGET = "bc"  # the binarization target of the update rules (weights, and activations under BWA)
 SHARD_SIZE = 5000
+STEM = "table2"
 
 
 @dataclass
 class Run:
     variant: str
     task: str  # BW | BWA | BWAA, or FP for the full-precision run
+    seed: int
     run_dir: Path
     config: dict
+    state: study.RunState | None = None
     status: str = "pending"
     message: str = ""
-    metrics: dict = field(default_factory=dict)
-    epochs: list = field(default_factory=list)  # epochs.jsonl records
-    resumed_from: int = 0  # epochs already recorded before this invocation (--resume)
-    wall_s: float = 0.0
-    run_id: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.variant}-{self.task}"
-
-    @staticmethod
-    def _images(epochs: list) -> int:
-        return int(round(sum(e.get("images_per_s", 0.0) * e.get("epoch_time_s", 0.0) for e in epochs)))
-
-    @property
-    def trained_images(self) -> int:
-        return self._images(self.epochs)
-
-    @property
-    def images_this_call(self) -> int:
-        return self._images(self.epochs[self.resumed_from:])
-
-    @property
-    def train_time_s(self) -> float:
-        return sum(e.get("epoch_time_s", 0.0) for e in self.epochs)
+        return f"{self.variant}-{self.task}-s{self.seed}"
 
 
 # -- arguments -------------------------------------------------------------------------------------------
@@ -97,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine schedule (default 1e-3)")
     p.add_argument("--units", choices=("scaled", "raw"), default="scaled",
                    help="the pairs act in units of the layer scale s (scaled, default) or on raw weights")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every run (default 0)")
+    p.add_argument("--extra-seeds", default="", metavar="VARIANT:TASK:SEED,...",
+                   help="more seeds for some cells, e.g. bnn:BW:1,bnn++:BW:1 (fp's task is FP)")
     p.add_argument("--shared", type=Path, default=DEFAULT_SHARED,
                    help="the project's shared directory (default %(default)s)")
     p.add_argument("--teacher", type=Path, default=None,
@@ -109,11 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-root", type=Path, default=None,
                    help="run directories and the MLflow store (default: ./runs/bench/cifar10-resnet20-<time>)")
     p.add_argument("--resume", action="store_true",
-                   help="let existing run directories under --run-root resume instead of refusing them")
+                   help="continue the study in --run-root: skip runs done, resume half-done ones")
     p.add_argument("--experiment", default="bench-cifar10-resnet20",
                    help="MLflow experiment name (default %(default)s)")
-    p.add_argument("--csv", type=Path, default=None, help="also write one row per run to this CSV file")
-    p.add_argument("--markdown", type=Path, default=None, help="also write both tables to this Markdown file")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"directory of the tables and figure ({STEM}.md, .csv, -honesty.csv, -runs.csv, .png; "
+                        "default RUN_ROOT/report)")
     args = p.parse_args(argv)
 
     args.variants = _csv_list(args.variants)
@@ -140,14 +135,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= --workers ({args.workers})")
     if args.epoch_length is not None and args.epoch_length // args.workers < args.batch_size // args.workers:
         p.error(f"--epoch-length {args.epoch_length} is shorter than one batch ({args.batch_size}): no step would run")
+    try:
+        args.extra_seeds = study.parse_extra_seeds(args.extra_seeds, args.variants, args.tasks, args.seed)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 # -- data ------------------------------------------------------------------------------------------------
 def ensure_shards(src: Path, out: Path, limit_per_class: int | None) -> dict:
     """Prepared shards of `src` in `out`, reused when the manifest verifies and matches the request."""
-    if not src.is_file():
-        raise SystemExit(f"error: {src} not found (set --shared to the project's shared directory)")
     if (out / sdata.MANIFEST).exists():
         try:
             manifest = sdata.verify(out)
@@ -161,6 +158,8 @@ def ensure_shards(src: Path, out: Path, limit_per_class: int | None) -> dict:
                       f"{len(manifest['shards'])} shards, verified)", flush=True)
                 return manifest
             print(f"[bench] cached shards in {out} were made differently ({differs}); preparing again", flush=True)
+    if not src.is_file():
+        raise SystemExit(f"error: {src} not found (set --shared to the project's shared directory)")
     start = time.perf_counter()
     print(f"[bench] preparing shards: {src} -> {out}", flush=True)
     manifest = sdata.prepare(src, out, shard_size=SHARD_SIZE, limit_per_class=limit_per_class, progress=True)
@@ -177,11 +176,11 @@ def binarize_spec(variant: str, task: str, units: str) -> dict | None:
     return tasks.spec(task, pair, units=units)
 
 
-def run_config(args, variant: str, task: str, train_dir: Path, test_dir: Path, teacher: Path,
+def run_config(args, variant: str, task: str, seed: int, train_dir: Path, test_dir: Path, teacher: Path,
                run_root: Path) -> dict:
     return {
-        "name": f"bench-{variant}-{task}",
-        "seed": args.seed,
+        "name": f"bench-{variant}-{task}-s{seed}",
+        "seed": seed,
         "init": "teacher",
         "teacher": str(teacher),
         "model": {"name": "resnet20", "num_classes": 10},
@@ -197,104 +196,60 @@ def run_config(args, variant: str, task: str, train_dir: Path, test_dir: Path, t
 
 
 def plan(args, train_dir: Path, test_dir: Path, teacher: Path, run_root: Path) -> list[Run]:
-    runs = []
-    if "fp" in args.variants:
-        runs.append(Run("fp", "FP", run_root / "fp-FP",
-                        run_config(args, "fp", "FP", train_dir, test_dir, teacher, run_root)))
-    for task in args.tasks:
-        for variant in args.variants:
-            if variant != "fp":
-                runs.append(Run(variant, task, run_root / f"{variant}-{task}",
-                                run_config(args, variant, task, train_dir, test_dir, teacher, run_root)))
-    return runs
+    """fp first, then every task x variant at the base seed, then the extra seeds (the table fills first)."""
+    cells = ([("fp", "FP")] if "fp" in args.variants else []) + \
+        [(v, t) for t in args.tasks for v in args.variants if v != "fp"]
+    keys = [(v, t, args.seed) for v, t in cells]
+    keys += [(v, t, s) for v, t in cells for s in args.extra_seeds.get((v, t), [])]
+    return [Run(v, t, s, run_root / f"{v}-{t}-s{s}",
+                run_config(args, v, t, s, train_dir, test_dir, teacher, run_root)) for v, t, s in keys]
 
 
-def _read_epochs(run_dir: Path) -> list[dict]:
-    path = run_dir / "epochs.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def execute(run: Run, index: int, total: int) -> None:
+def execute(run: Run, index: int, total: int, parent_run_id: str) -> None:
     cfg = build(TrainConfig, run.config)
     spec = run.config["binarize"]
     what = "full precision" if spec is None else (
         f"weight {spec['weight']}, activation {spec.get('activation')}, accumulator {spec.get('accumulator_bits')}, "
         f"rule {run.config['algorithm']['rule']}, units {spec['units']}")
-    print(f"[bench] ({index}/{total}) start {run.variant} {run.task}: {what}; run dir {run.run_dir}", flush=True)
-    run.resumed_from = len(_read_epochs(run.run_dir))
-    if run.resumed_from:
-        print(f"[bench] ({index}/{total}) resuming {run.label}: {run.resumed_from} epoch(s) already done", flush=True)
+    before = len(study.recorded_epochs(run.run_dir))
+    print(f"[bench] ({index}/{total}) start {run.label}: {what}; run dir {run.run_dir}"
+          + (f"; resuming after epoch {before}" if before else ""), flush=True)
     start = time.perf_counter()
     try:
-        result = fit(cfg, run_dir=run.run_dir)
+        result = fit(cfg, run_dir=run.run_dir, parent_run_id=parent_run_id)
+        run.status, run.message = result.status, result.message
     except Exception as e:  # a driver-side failure (bad config, missing file): record it, go on
-        run.wall_s = time.perf_counter() - start
         run.status, run.message = "failed", f"{type(e).__name__}: {e}"
-        print(f"[bench] ({index}/{total}) end   {run.variant} {run.task}: FAILED in {run.wall_s:.1f} s: "
-              f"{run.message}", flush=True)
-        return
-    run.wall_s = time.perf_counter() - start
-    run.status, run.message, run.run_id = result.status, result.message, result.run_id
-    run.epochs = _read_epochs(run.run_dir)
-    run.metrics = dict(result.metrics) or (dict(run.epochs[-1]) if run.epochs else {})
-    if run.status == "finished" and "binary_acc" in run.metrics:
-        m = run.metrics
-        print(f"[bench] ({index}/{total}) end   {run.variant} {run.task}: binary acc {m['binary_acc']:.4f} "
-              f"(training forward {m.get('forward_acc', float('nan')):.4f}, soft fraction "
-              f"{m.get('soft_fraction', float('nan')):.3f}), {result.epochs_done} epochs, wall {run.wall_s:.1f} s",
-              flush=True)
+    wall = time.perf_counter() - start
+    epochs = study.recorded_epochs(run.run_dir)
+    if run.run_dir.exists():
+        study.record_run(run.run_dir, wall, run.status, before, len(epochs))
+    m = epochs[-1] if epochs else {}
+    if run.status == "finished" and "binary_acc" in m:
+        print(f"[bench] ({index}/{total}) end   {run.label}: binary acc {m['binary_acc']:.4f} (training forward "
+              f"{m.get('forward_acc', float('nan')):.4f}, soft fraction {m.get('soft_fraction', float('nan')):.3f}), "
+              f"{len(epochs)} epochs, wall {wall:.1f} s", flush=True)
     else:
-        print(f"[bench] ({index}/{total}) end   {run.variant} {run.task}: {run.status.upper()} "
-              f"in {run.wall_s:.1f} s: {run.message or 'no metrics'}", flush=True)
+        print(f"[bench] ({index}/{total}) end   {run.label}: {run.status.upper()} in {wall:.1f} s: "
+              f"{run.message or 'no metrics'}", flush=True)
 
 
 # -- tables ----------------------------------------------------------------------------------------------
-def _pct(run: Run | None) -> str:
-    if run is None:
-        return "—"
-    if run.status != "finished" or "binary_acc" not in run.metrics:
-        return run.status
-    return f"{100 * run.metrics['binary_acc']:.2f}"
+RUNS_HEADER = ["run", "status", "epochs", "wall s", "train s", "img/s train", "overflow"]
 
 
-def _num(value, fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
-
-
-def accuracy_table(args, runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    by_key = {(r.variant, r.task): r for r in runs}
-    fp = by_key.get(("fp", "FP"))
-    variants = [v for v in args.variants if v != "fp"]
-    header = ["task", *(["FP"] if fp is not None else []), *[v.upper() for v in variants]]
-    rows = []
-    for task in args.tasks:
-        rows.append([task, *([_pct(fp)] if fp is not None else []), *[_pct(by_key.get((v, task))) for v in variants]])
-    return header, rows
-
-
-def timing_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "status", "epochs", "binary %", "fwd %", "gap", "soft frac", "overflow", "wall s", "train s",
-              "img/s train", "img/s wall"]
+def runs_table(runs: list[Run]) -> list[list[str]]:
+    """Per run: status, epochs recorded, wall time over all invocations, training time and throughput."""
     rows = []
     for r in runs:
-        m = r.metrics
-        ok = "binary_acc" in m
-        images = r.trained_images
-        rows.append([
-            r.label, r.status, str(len(r.epochs)),
-            _num(100 * m["binary_acc"] if ok else None, ".2f"),
-            _num(100 * m["forward_acc"] if "forward_acc" in m else None, ".2f"),
-            _num(100 * m["forward_binary_gap"] if "forward_binary_gap" in m else None, "+.2f"),
-            _num(m.get("soft_fraction"), ".3f"),
-            _num(m.get("overflow_rate"), ".4f"),
-            f"{r.wall_s:.1f}",
-            _num(r.train_time_s if r.epochs else None, ".1f"),
-            _num(images / r.train_time_s if r.epochs and r.train_time_s > 0 else None, ".0f"),
-            _num(r.images_this_call / r.wall_s if r.images_this_call and r.wall_s > 0 else None, ".0f"),
-        ])
-    return header, rows
+        epochs = study.recorded_epochs(r.run_dir)
+        train_s = sum(e.get("epoch_time_s", 0.0) for e in epochs)
+        images = sum(e.get("images_per_s", 0.0) * e.get("epoch_time_s", 0.0) for e in epochs)
+        overflow = epochs[-1].get("overflow_rate") if epochs else None
+        rows.append([r.label, r.status, str(len(epochs)), f"{study.run_wall_s(r.run_dir):.1f}",
+                     f"{train_s:.1f}" if epochs else "—", f"{images / train_s:.0f}" if train_s > 0 else "—",
+                     "—" if overflow is None else f"{overflow:.4f}"])
+    return rows
 
 
 def format_text(header: list[str], rows: list[list[str]]) -> str:
@@ -304,24 +259,31 @@ def format_text(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def format_markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+def publish(args, runs: list[Run], uri: str, out: Path, the_study: study.Study, title: str,
+            note: str) -> report.ReportFiles | None:
+    """Rewrite the tables and the figure from the MLflow store and log them to the study run; a failure here
+    is printed, never fatal: the study goes on."""
+    from stages.tracking import RUN_ID_FILE
 
-
-def write_csv(path: Path, runs: list[Run], settings: dict) -> None:
-    keys = ["binary_acc", "forward_acc", "forward_binary_gap", "soft_fraction", "overflow_rate", "flip_ratio",
-            "loss", "train_forward_acc", "images_per_s", "epoch_time_s"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["variant", "task", "status", "message", "epochs_done", "wall_s", "train_s", "trained_images",
-                    *keys, "run_dir", "mlflow_run_id", *settings])
-        for r in runs:
-            w.writerow([r.variant, r.task, r.status, r.message, len(r.epochs), f"{r.wall_s:.3f}",
-                        f"{r.train_time_s:.3f}", r.trained_images, *[r.metrics.get(k, "") for k in keys],
-                        str(r.run_dir), r.run_id or "", *settings.values()])
+    try:
+        ids = [(r.run_dir / RUN_ID_FILE).read_text().strip() for r in runs if (r.run_dir / RUN_ID_FILE).exists()]
+        rows = report.collect(uri, args.experiment, run_ids=ids)
+        body = runs_table(runs)
+        runs_md = "## Runs (wall s: all invocations together)\n\n" + \
+            "\n".join(["| " + " | ".join(RUNS_HEADER) + " |", "|" + "---|" * len(RUNS_HEADER)]
+                      + ["| " + " | ".join(b) + " |" for b in body])
+        commits = ", ".join(the_study.commits)
+        extra = (f"{runs_md}\n\nStudy wall time {the_study.total_wall_s:.0f} s over "
+                 f"{len(the_study.data['invocations'])} invocation(s); commit(s) {commits}; MLflow store `{uri}`.")
+        files = report.write_tables(rows, out, STEM, title=title, note=note, transpose=True, extra_markdown=extra)
+        with (out / f"{STEM}-runs.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([RUNS_HEADER, *body])
+        report.log_report(uri, args.experiment, files, rows, key=STEM, run_id=the_study.parent_run_id)
+        the_study.run.log_files([out / f"{STEM}-runs.csv"], artifact_path="report")
+        return files
+    except Exception as e:  # noqa: BLE001 (tables are a by-product: never lose the study over them)
+        print(f"[bench] warning: could not write the tables: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -337,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     train_dir, test_dir = data_dir / f"train{suffix}", data_dir / "test"
     run_root = (args.run_root or Path("runs") / "bench" / time.strftime("cifar10-resnet20-%Y%m%d-%H%M%S"))
     run_root = run_root.expanduser().resolve()
+    out = (args.out or run_root / "report").expanduser().resolve()
 
     t_start = time.perf_counter()
     train_manifest = ensure_shards(tars / "train.tar", train_dir, args.limit_per_class)
@@ -347,51 +310,65 @@ def main(argv: list[str] | None = None) -> int:
     if taken and not args.resume:
         raise SystemExit(f"error: run directories already exist under {run_root}: "
                          f"{', '.join(p.name for p in taken)}; pass --resume to continue them or another --run-root")
+    for r in runs:
+        differs = study.config_differences(r.run_dir, r.config)
+        if differs:
+            raise SystemExit(f"error: {r.run_dir} was run with other settings ({'; '.join(differs)}): "
+                             f"a table must not mix them; use another --run-root or the settings it was run with")
     run_root.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(run_root)
 
     epoch_length = args.epoch_length or train_manifest["num_samples"]
     eval_n = min(args.eval_limit or test_manifest["num_samples"], test_manifest["num_samples"])
     settings = {"epochs": args.epochs, "epoch_length": epoch_length, "eval_images": eval_n,
                 "batch_size": args.batch_size, "lr": args.lr, "optimizer": "adam+cosine", "units": args.units,
-                "workers": args.workers, "seed": args.seed}
+                "workers": args.workers, "seed": args.seed,
+                "extra_seeds": ",".join(f"{v}:{t}:{s}" for (v, t), ss in args.extra_seeds.items() for s in ss)}
+    the_study = study.Study(run_root, uri, args.experiment, run_root.name, settings, study.git_commit(REPO))
+    for r in runs:
+        r.state = study.run_state(r.run_dir, uri)
+        if r.state.state == "done":
+            study.close_open_run(uri, r.run_dir, r.state)
+            r.status = r.state.status
+    left = [r for r in runs if r.state.left]
     print(f"[bench] teacher {teacher}\n[bench] train {train_dir} ({train_manifest['num_samples']} images), "
           f"test {test_dir} ({test_manifest['num_samples']} images)\n[bench] settings "
           + ", ".join(f"{k} {v}" for k, v in settings.items())
-          + f"\n[bench] {len(runs)} runs under {run_root}", flush=True)
+          + f"\n[bench] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, "
+          f"{sum(r.state.state == 'partial' for r in left)} to resume, {sum(r.state.state == 'new' for r in left)} new;"
+          f" study run {the_study.parent_run_id}", flush=True)
+    for r in runs:
+        if not r.state.left:
+            print(f"[bench] skip {r.label}: {r.state.status} ({r.state.epochs} epochs, MLflow run {r.state.run_id})",
+                  flush=True)
 
-    t_ray = time.perf_counter()
-    ensure_ray()  # start (or join) Ray once, so its start-up is not charged to the first run
-    print(f"[bench] Ray ready in {time.perf_counter() - t_ray:.1f} s", flush=True)
+    title = (f"CIFAR-10 ResNet-20 FT: {args.epochs} epoch(s) of {epoch_length} images, eval on {eval_n} test "
+             f"images, adam lr {args.lr:g} cosine, batch {args.batch_size}, units {args.units}")
+    note = ("Honest binary test accuracy (%) at the last epoch, mean ± sample std over seeds where a cell has "
+            "several; FP: full-precision fine-tuning on the same data (one run, shown on every row).")
+    if left:
+        t_ray = time.perf_counter()
+        ensure_ray()  # start (or join) Ray once, so its start-up is not charged to the first run
+        print(f"[bench] Ray ready in {time.perf_counter() - t_ray:.1f} s", flush=True)
+    for i, run in enumerate(left, 1):
+        execute(run, i, len(left), the_study.parent_run_id)
+        the_study.save(runs_done=i)
+        publish(args, runs, uri, out, the_study, title, note)  # partial tables survive a crash
 
-    for i, run in enumerate(runs, 1):
-        execute(run, i, len(runs))
-
-    total_s = time.perf_counter() - t_start
-    acc_header, acc_rows = accuracy_table(args, runs)
-    time_header, time_rows = timing_table(runs)
-    title = (f"CIFAR-10 ResNet-20 FT, final honest binary test accuracy (%): {args.epochs} epoch(s) of "
-             f"{epoch_length} images, eval on {eval_n} test images, adam lr {args.lr:g} cosine, batch "
-             f"{args.batch_size}, units {args.units}, {args.workers} worker(s)")
-    note = "FP: full-precision fine-tuning on the same data (one run, shown on every row)"
-    print(f"\n{title}\n{note}\n\n{format_text(acc_header, acc_rows)}\n")
-    print("Runs (fwd = training forward; gap = fwd - binary; soft frac = share of binarized weights not at +-s; "
-          "img/s train = training loop only, img/s wall = incl. Ray/DeepSpeed start-up and evaluation)\n")
-    print(format_text(time_header, time_rows))
-    failed = [r for r in runs if r.status != "finished"]
-    for r in failed:
-        print(f"\n{r.label}: {r.status}: {r.message}")
-    uri = tracking_uri(run_root)
-    print(f"\ntotal wall time {total_s:.1f} s ({len(runs)} runs)\nrun root {run_root}\nMLflow store {uri}\n"
-          f"  browse: mlflow ui --backend-store-uri {uri}  (experiment {args.experiment!r})")
-
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(f"{title}\n\n{note}\n\n{format_markdown(acc_header, acc_rows)}\n\n"
-                                 f"{format_markdown(time_header, time_rows)}\n\nMLflow store: `{uri}`\n")
-        print(f"wrote {args.markdown}")
-    if args.csv:
-        write_csv(args.csv, runs, settings)
-        print(f"wrote {args.csv}")
+    failed = [r.label for r in runs if r.status not in study.DONE]
+    files = publish(args, runs, uri, out, the_study, title, note)
+    the_study.finish(failed)
+    if files is not None:
+        text = files.markdown.read_text(encoding="utf-8")
+        print("\n" + text)
+        print(f"wrote {', '.join(str(p) for p in files.paths)}, {out / f'{STEM}-runs.csv'}")
+    for r in runs:
+        if r.status not in study.DONE:
+            print(f"{r.label}: {r.status}: {r.message}")
+    print(f"\nthis invocation {time.perf_counter() - t_start:.1f} s ({len(left)} runs); study "
+          f"{the_study.total_wall_s:.1f} s over {len(the_study.data['invocations'])} invocation(s)\n"
+          f"run root {run_root}\nMLflow store {uri}\n  browse: mlflow ui --backend-store-uri {uri}  "
+          f"(experiment {args.experiment!r}, run {run_root.name!r}: the report is under its artifacts, report/)")
 
     import ray
 
