@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pcpp.quantizers import get as get_quantizer
-from pcpp.quantizers.base import Quantizer, _Pair
+from pcpp.quantizers.base import Quantizer, _constant, _Pair
 
 ArrayFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -210,7 +210,21 @@ class Legitimized(Quantizer):
         return out.to(w.dtype)
 
     def forward(self, w):
-        return _Pair.apply(w, lambda x: self.F(x), lambda x: self.B(x), {})
+        return self.apply_pair(w)
+
+    def apply_pair(self, x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   out_scale: torch.Tensor | None = None, params: dict | None = None) -> torch.Tensor:
+        """Quantizer.apply_pair composed from separate autograd ops, never fused (pcpp.kernels): F is a table
+        lookup of this instance at its current parameters, not a pure forward_fn; `params`, when given, must be
+        those current ones."""
+        if params is not None and params != self.params:
+            raise ValueError(f"{self.label}: its F is tabulated at the current parameters {self.params}, "
+                             f"not at {params}; use set_progress")
+        u = x if shift is None else x - shift
+        if scale is not None:
+            u = u / _constant(scale)
+        y = _Pair.apply(u, lambda v: self.F(v), lambda v: self.B(v), {})
+        return y if out_scale is None else _constant(out_scale) * y
 
     def extra_repr(self) -> str:
         return self.label

@@ -1,5 +1,7 @@
 """Corollaries 1 and 2 (paper section 3.1, Appendix C): `check` verdicts, recovered T and P, `legitimize`."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -297,3 +299,33 @@ def test_check_bad_input():
         check(42)
     with pytest.raises(ValueError, match="domain"):
         check("bnn", domain=(0.5, 3.0))
+
+
+# ---- a legitimized pair inside a binarized layer --------------------------------------------------------------
+@pytest.mark.parametrize("kernel_mode", [None, "reference"])
+@pytest.mark.parametrize("name, twin", [("bnn+", "bnn++"), ("ede", "ede+")])
+def test_legitimized_pair_trains_inside_a_binarized_layer(name, twin, kernel_mode):
+    """BinaryConv2d with legitimize(name) for weights and activations (threshold placement) runs forward and
+    backward, fused path or reference alike, and matches the layer built with the registered Corollary 2 twin
+    (legitimize(bnn+) = bnn++, legitimize(ede) = ede+) up to the primitive's tabulation."""
+    from pcpp import kernels
+    from pcpp.layers import BinaryConv2d
+
+    params = {"mu": 5.0} if name == "bnn+" else {"t": 0.7}
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    results = []
+    for q in (legitimize(name, **params), get(twin, **params)):
+        torch.manual_seed(1)
+        layer = BinaryConv2d(3, 4, 3, weight_quantizer=q, act_quantizer=q).double()
+        with torch.no_grad():
+            layer.act_threshold.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+        xi = x.clone().requires_grad_(True)
+        with kernels.using(kernel_mode) if kernel_mode else contextlib.nullcontext():
+            out = layer(xi)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads = [xi.grad, layer.weight.grad, layer.act_threshold.grad]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+        results.append([out.detach(), *grads])
+    for got, want in zip(*results):
+        assert (got - want).abs().max().item() < 1e-3 * max(1.0, want.abs().max().item())
