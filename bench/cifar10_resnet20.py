@@ -275,7 +275,8 @@ def publish(args, runs: list[Run], uri: str, out: Path, the_study: study.Study, 
         commits = ", ".join(the_study.commits)
         extra = (f"{runs_md}\n\nStudy wall time {the_study.total_wall_s:.0f} s over "
                  f"{len(the_study.data['invocations'])} invocation(s); commit(s) {commits}; MLflow store `{uri}`.")
-        files = report.write_tables(rows, out, STEM, title=title, note=note, transpose=True, extra_markdown=extra)
+        files = report.write_tables(rows, out, STEM, title=title, note=note, transpose=True, extra_markdown=extra,
+                                    variants=args.variants, tasks=args.tasks)
         with (out / f"{STEM}-runs.csv").open("w", newline="") as f:
             csv.writer(f).writerows([RUNS_HEADER, *body])
         report.log_report(uri, args.experiment, files, rows, key=STEM, run_id=the_study.parent_run_id)

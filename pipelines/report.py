@@ -208,14 +208,17 @@ def _label(label: str, pipeline, split: bool) -> str:
     return f"{label} ({pipeline})" if split else label
 
 
-def grid(rows: list[dict], transpose: bool = False) -> Grid:
+def grid(rows: list[dict], transpose: bool = False, *, variants=(), tasks=()) -> Grid:
     """Variants down and tasks across (tasks down with `transpose`); see the module docstring.
 
     Full-precision runs (task FP) fill every column of the `fp` row. When the rows mix pipelines (FT and
     E2E), each row label carries its pipeline, e.g. `bnn++ (ft)`, so that they are never averaged together.
+    `variants` (row labels) and `tasks` are shown even when none of their runs is in `rows` (cells n/a): a
+    study's whole layout while it is under way.
     """
-    columns = [t for t in TASKS if any(r["task"] == t for r in rows)]
-    if not columns and any(r["task"] == FP_TASK for r in rows):
+    present = {r["task"] for r in rows} | set(tasks)
+    columns = [t for t in TASKS if t in present]
+    if not columns and FP_TASK in present:
         columns = [FP_TASK]
     pipelines, split = _split(rows)
     groups: dict[tuple[str, str, str], list[dict]] = {}
@@ -223,7 +226,7 @@ def grid(rows: list[dict], transpose: bool = False) -> Grid:
         for task in (columns if r["task"] == FP_TASK else [r["task"]]):
             if task in columns:
                 groups.setdefault((row_label(r), r["pipeline"] if split else "", task), []).append(r)
-    keys = {(label, pipe) for label, pipe, _ in groups}
+    keys = {(label, pipe) for label, pipe, _ in groups} | ({(v, "") for v in variants} if not split else set())
     ordered = [(label, pipe) for label in _label_order({k[0] for k in keys})
                for pipe in (pipelines if split else [""]) if (label, pipe) in keys]
     labels = [_label(label, pipe, split) for label, pipe in ordered]
@@ -248,9 +251,10 @@ def _csv(header: list[str], body: list[list]) -> str:
     return buf.getvalue()
 
 
-def table(rows: list[dict], transpose: bool = False) -> tuple[str, str]:
-    """(markdown, csv) of the accuracy table: variants down, tasks across (tasks down with `transpose`)."""
-    g = grid(rows, transpose)
+def table(rows: list[dict], transpose: bool = False, *, variants=(), tasks=()) -> tuple[str, str]:
+    """(markdown, csv) of the accuracy table: variants down, tasks across (tasks down with `transpose`);
+    `variants` and `tasks` as in `grid`."""
+    g = grid(rows, transpose, variants=variants, tasks=tasks)
     header = [g.row_title] + g.columns
     body = [[name] + [g.cell(name, c).text for c in g.columns] for name in g.rows]
     return _markdown(header, body), _csv(header, body)
@@ -335,13 +339,14 @@ HONESTY_NOTE = ("binary = honest binarized accuracy, forward = the training forw
 
 def write_tables(rows: list[dict], out_dir: str | Path, stem: str, *, title: str, note: str = "",
                  metric: str = "binary_acc", transpose: bool = False, figure: bool | str | Path = True,
-                 extra_markdown: str = "") -> ReportFiles:
+                 extra_markdown: str = "", variants=(), tasks=()) -> ReportFiles:
     """Write `<stem>.md` (both tables, `note`, `extra_markdown`), `<stem>.csv` (accuracy), `<stem>-honesty.csv`
     and, unless `figure` is False, the figure (`<stem>.png`, or the path `figure` names) into `out_dir`.
-    Each file is replaced atomically, so a study that crashes keeps its last complete tables."""
+    Each file is replaced atomically, so a study that crashes keeps its last complete tables. `variants` and
+    `tasks`: rows and columns shown even before any of their runs is in `rows` (see `grid`)."""
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    md, csv_text = table(rows, transpose)
+    md, csv_text = table(rows, transpose, variants=variants, tasks=tasks)
     honesty_md, honesty_csv = honesty_table(rows)
     files = ReportFiles(out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}-honesty.csv")
     text = (f"# {title}\n\n{md}\n{note}\n\n## Honesty: forward/binary gap and soft fraction\n\n{honesty_md}\n"
@@ -353,7 +358,7 @@ def write_tables(rows: list[dict], out_dir: str | Path, stem: str, *, title: str
         from pipelines.report_figure import draw
 
         path = out / f"{stem}.png" if figure is True else Path(figure).expanduser()
-        files.figure = draw(grid(rows, transpose), path, title=title, metric=metric)
+        files.figure = draw(grid(rows, transpose, variants=variants, tasks=tasks), path, title=title, metric=metric)
     return files
 
 

@@ -130,6 +130,11 @@ def test_transposed_table_is_the_papers_layout(store):
                             "BWA": {"fp": "91.20", "bnn": "diverged", "bnn++": "n/a", "pq": "65.43"}}
     g = grid(rows, transpose=True)
     assert (g.row_title, g.column_title, g.rows) == ("task", "variant", ["BW", "BWA"])
+    # a study under way shows its whole planned layout: variants and tasks without runs yet are n/a
+    fp_only = [r for r in rows if r["variant"] == "fp"]
+    md, _ = table(fp_only, transpose=True, variants=["fp", "bc", "pq"], tasks=["BW", "BWAA"])
+    assert parse_md(md) == {"BW": {"fp": "91.20", "bc": "n/a", "pq": "n/a"},
+                            "BWAA": {"fp": "91.20", "bc": "n/a", "pq": "n/a"}}
 
 
 def test_honesty_table(store):
