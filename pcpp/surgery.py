@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 from torch import nn
 
@@ -50,6 +51,8 @@ class BinarizeSpec:
     extra_layernorm: bool = False
     activation_placement: str = DEFAULT_PLACEMENT
     activation_guard: str = "error"
+    # field -> role of the quantizer specs (pcpp.specs.make_quantizer): stage keys hash them as they resolve
+    QUANTIZER_ROLES: ClassVar[dict[str, str]] = {"weight": "weight", "activation": "activation"}
 
     def __post_init__(self):
         if self.activation_guard not in GUARDS:

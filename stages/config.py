@@ -164,7 +164,8 @@ def check_storage_path(value: str) -> str:
 
 def keyed_dict(obj) -> dict:
     """`dataclasses.asdict(obj)` without the RUNTIME fields, at any depth (what a config computes, not how
-    the run is carried out), and with a binarize spec's quantizers as they resolve (pair, schedules and
+    the run is carried out), and with the quantizer specs of every node that names them in its
+    `QUANTIZER_ROLES` (field -> role: BinarizeSpec, SensitivityConfig) as they resolve (pair, schedules and
     options, `pcpp.specs.make_quantizer` in their role): a change of a registered default schedule changes
     the run directories and stage keys of the configs that relied on it, so no finished run is reported
     as the new default's and no run resumes under another schedule."""
@@ -173,10 +174,9 @@ def keyed_dict(obj) -> dict:
     out = dataclasses.asdict(obj)
 
     def drop(node, data: dict) -> None:
-        if isinstance(node, BinarizeSpec):
-            for role in ("weight", "activation"):
-                q = make_quantizer(getattr(node, role), role)
-                data[role] = None if q is None else q.state()
+        for fname, role in getattr(type(node), "QUANTIZER_ROLES", {}).items():
+            q = make_quantizer(getattr(node, fname), role)
+            data[fname] = None if q is None else q.state()
         for f in dataclasses.fields(node):
             value = getattr(node, f.name)
             if f.metadata.get("runtime"):

@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from tqdm import tqdm
 
@@ -54,6 +55,8 @@ class SensitivityConfig:
     bat_steps: int = 0  # 0: PTB only
     bat_lr: float = 1e-4
     batch_size: int = 256
+    # field -> role of the quantizer specs: stage keys hash them as they resolve (stages.config.keyed_dict)
+    QUANTIZER_ROLES: ClassVar[dict[str, str]] = BinarizeSpec.QUANTIZER_ROLES
 
     def __post_init__(self):
         BinarizeSpec(weight=self.weight, activation=self.activation, scaling=self.scaling)

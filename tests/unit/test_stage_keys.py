@@ -225,3 +225,26 @@ def test_runtime_settings_leave_the_run_directory_of_pcpp_train_alone():
         other = with_leaf(cfg, f"distributed.{key}", changed(f"distributed.{key}", getattr(cfg.distributed, key)))
         assert other != cfg and other.digest() == cfg.digest(), key
     assert with_leaf(cfg, "distributed.num_workers", 2).digest() != cfg.digest()
+
+
+@pytest.mark.parametrize("bat_steps", [0, 10])
+def test_a_new_default_activation_schedule_is_a_new_sensitivity_key(monkeypatch, bat_steps):
+    """The scan's own weight / activation specs hash as they resolve, as a binarize spec's do: BAT trains under
+    the default schedule, so a new registered default is a new artifact, and the same schedule spelled out is
+    the same one."""
+    from pcpp import specs
+    from pcpp.schedules import loglinear
+    from stages.sensitivity import SensitivityConfig
+
+    def key(cfg):
+        return stage_key("sensitivity", cfg, {})
+
+    cfg = SensitivityConfig(activation="bnn++", bat_steps=bat_steps)
+    weights_only = SensitivityConfig(weight="bnn++", bat_steps=bat_steps)
+    before, before_weights = key(cfg), key(weights_only)
+    monkeypatch.setitem(specs.ACTIVATION_SCHEDULES, "bnn++", {"mu": loglinear(0.5, 20.0)})
+    implicit = key(cfg)
+    assert implicit != before
+    assert key(weights_only) == before_weights  # weights resolve in their own role: not an activation default
+    spelled = {"name": "bnn++", "mu": {"kind": "loglinear", "start": 0.5, "end": 20.0}}
+    assert key(SensitivityConfig(activation=spelled, bat_steps=bat_steps)) == implicit
