@@ -205,7 +205,7 @@ def plan(args, train_dir: Path, test_dir: Path, teacher: Path, run_root: Path) -
                 run_config(args, v, t, s, train_dir, test_dir, teacher, run_root)) for v, t, s in keys]
 
 
-def execute(run: Run, index: int, total: int, parent_run_id: str) -> None:
+def execute(run: Run, index: int, total: int, the_study: study.Study) -> None:
     cfg = build(TrainConfig, run.config)
     spec = run.config["binarize"]
     what = "full precision" if spec is None else (
@@ -214,16 +214,14 @@ def execute(run: Run, index: int, total: int, parent_run_id: str) -> None:
     before = len(study.recorded_epochs(run.run_dir))
     print(f"[bench] ({index}/{total}) start {run.label}: {what}; run dir {run.run_dir}"
           + (f"; resuming after epoch {before}" if before else ""), flush=True)
-    start = time.perf_counter()
+    the_study.begin_run(run.run_dir)
     try:
-        result = fit(cfg, run_dir=run.run_dir, parent_run_id=parent_run_id)
+        result = fit(cfg, run_dir=run.run_dir, parent_run_id=the_study.parent_run_id)
         run.status, run.message = result.status, result.message
     except Exception as e:  # a driver-side failure (bad config, missing file): record it, go on
         run.status, run.message = "failed", f"{type(e).__name__}: {e}"
-    wall = time.perf_counter() - start
+    wall = the_study.end_run(run.status)
     epochs = study.recorded_epochs(run.run_dir)
-    if run.run_dir.exists():
-        study.record_run(run.run_dir, wall, run.status, before, len(epochs))
     m = epochs[-1] if epochs else {}
     if run.status == "finished" and "binary_acc" in m:
         print(f"[bench] ({index}/{total}) end   {run.label}: binary acc {m['binary_acc']:.4f} (training forward "
@@ -347,12 +345,13 @@ def main(argv: list[str] | None = None) -> int:
              f"images, adam lr {args.lr:g} cosine, batch {args.batch_size}, units {args.units}")
     note = ("Honest binary test accuracy (%) at the last epoch, mean ± sample std over seeds where a cell has "
             "several; FP: full-precision fine-tuning on the same data (one run, shown on every row).")
+    the_study.heartbeat()
     if left:
         t_ray = time.perf_counter()
         ensure_ray()  # start (or join) Ray once, so its start-up is not charged to the first run
         print(f"[bench] Ray ready in {time.perf_counter() - t_ray:.1f} s", flush=True)
     for i, run in enumerate(left, 1):
-        execute(run, i, len(left), the_study.parent_run_id)
+        execute(run, i, len(left), the_study)
         the_study.save(runs_done=i)
         publish(args, runs, uri, out, the_study, title, note)  # partial tables survive a crash
 

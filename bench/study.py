@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,12 +146,17 @@ def config_differences(run_dir: Path, planned: dict) -> list[str]:
 
 
 # -- wall time ---------------------------------------------------------------------------------------------
-def record_run(run_dir: Path, wall_s: float, status: str, epochs_before: int, epochs_after: int) -> None:
-    """Append this invocation's wall time on the run to its bench.json."""
+def record_run(run_dir: Path, wall_s: float, status: str, epochs_before: int, epochs_after: int,
+               invocation: str = "") -> None:
+    """Record an invocation's wall time on the run in its bench.json: the entry of the same `invocation`
+    is replaced (a heartbeat's `running` entry by the final one), others are kept."""
     path = Path(run_dir) / RUN_RECORD
     data = _read_json(path) or {"invocations": []}
-    data["invocations"].append({"wall_s": round(wall_s, 3), "status": status, "epochs_before": epochs_before,
-                                "epochs_after": epochs_after, "ended": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    entries = [e for e in data["invocations"] if not invocation or e.get("invocation") != invocation]
+    entries.append({"invocation": invocation, "wall_s": round(wall_s, 3), "status": status,
+                    "epochs_before": epochs_before, "epochs_after": epochs_after,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    data["invocations"] = entries
     _write_json(path, data)
 
 
@@ -195,8 +201,10 @@ class Study:
             self.data["parent_run_id"] = self.run.run_id
         self.data["settings"] = settings
         self.started = time.perf_counter()
-        self.data["invocations"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
-                                         "wall_s": 0.0, "runs_done": 0})
+        self.invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
+        self.data["invocations"].append({"started": self.invocation, "commit": commit, "wall_s": 0.0,
+                                         "runs_done": 0})
+        self._lock, self._stop, self._current = threading.RLock(), threading.Event(), None
         self.save()
 
     @property
@@ -204,12 +212,43 @@ class Study:
         return self.run.run_id
 
     def save(self, runs_done: int | None = None) -> None:
-        """Record this invocation's wall time so far (and runs done), so that a crash loses at most one run."""
-        current = self.data["invocations"][-1]
-        current["wall_s"] = round(time.perf_counter() - self.started, 3)
-        if runs_done is not None:
-            current["runs_done"] = runs_done
-        _write_json(self.path, self.data)
+        """Record this invocation's wall time so far (and runs done), and the run in progress's."""
+        with self._lock:
+            current = self.data["invocations"][-1]
+            current["wall_s"] = round(time.perf_counter() - self.started, 3)
+            if runs_done is not None:
+                current["runs_done"] = runs_done
+            _write_json(self.path, self.data)
+            if self._current is not None:
+                run_dir, start, before = self._current
+                record_run(run_dir, time.perf_counter() - start, "running", before,
+                           len(recorded_epochs(run_dir)), self.invocation)
+
+    def begin_run(self, run_dir: Path) -> None:
+        with self._lock:
+            self._current = (Path(run_dir), time.perf_counter(), len(recorded_epochs(run_dir)))
+
+    def end_run(self, status: str) -> float:
+        """Record the run in progress as ended with `status`; returns its wall time in this invocation."""
+        with self._lock:
+            run_dir, start, before = self._current
+            self._current = None
+            wall = time.perf_counter() - start
+            if run_dir.exists():
+                record_run(run_dir, wall, status, before, len(recorded_epochs(run_dir)), self.invocation)
+            return wall
+
+    def heartbeat(self, every_s: float = 60.0) -> None:
+        """Save every `every_s` seconds from a daemon thread, so that a reboot loses at most that much of the
+        wall-time record (the invocation's and the run in progress's)."""
+        def beat():
+            while not self._stop.wait(every_s):
+                try:
+                    self.save()
+                except OSError as e:  # a full disk must not end the study
+                    print(f"[bench] warning: could not save {self.path}: {e}", flush=True)
+
+        threading.Thread(target=beat, name="study-heartbeat", daemon=True).start()
 
     @property
     def total_wall_s(self) -> float:
@@ -220,6 +259,7 @@ class Study:
         return list(dict.fromkeys(i.get("commit", "unknown") for i in self.data["invocations"]))
 
     def finish(self, failed: list[str]) -> None:
+        self._stop.set()
         self.save()
         self.run.log_metrics({"study_wall_s": self.total_wall_s})
         self.run.finish("FAILED" if failed else "FINISHED",

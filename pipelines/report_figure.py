@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 DPI = 100
-# inches: row labels on the left, each cell, colour bar on the right, title on top, axis label + legend below
-LEFT, CELL_W, RIGHT = 1.5, 1.25, 1.45
-TOP, CELL_H, BOTTOM = 0.85, 0.5, 1.0
+# inches: row labels on the left, each cell, colour bar on the right, title (two lines at most, then the
+# metric line) on top, axis label + legend below; the cell area is at least MIN_W x MIN_H, so that a small
+# table still has room for its title and colour bar label (its cells are then larger)
+LEFT, CELL_W, RIGHT, MIN_W = 1.5, 1.25, 1.45, 4.0
+TOP, CELL_H, BOTTOM, MIN_H = 1.0, 0.5, 1.0, 1.8
+TITLE_CHARS_PER_INCH = 12  # at 11 pt
 NA_COLOUR, DIVERGED_COLOUR = "0.82", "#f4c7c3"
 METRIC_NAMES = {"binary_acc": "honest binary accuracy", "forward_acc": "training-forward accuracy"}
 
 
+def _area(n_rows: int, n_cols: int) -> tuple[float, float]:
+    """(width, height) in inches of the cell area."""
+    return max(CELL_W * max(n_cols, 1), MIN_W), max(CELL_H * max(n_rows, 1), MIN_H)
+
+
 def figure_inches(n_rows: int, n_cols: int) -> tuple[float, float]:
-    """(width, height) in inches of the figure of a table with `n_rows` x `n_cols` cells (at least 1 x 1)."""
-    return LEFT + CELL_W * max(n_cols, 1) + RIGHT, TOP + CELL_H * max(n_rows, 1) + BOTTOM
+    """(width, height) in inches of the figure of a table with `n_rows` x `n_cols` cells."""
+    w, h = _area(n_rows, n_cols)
+    return LEFT + w + RIGHT, TOP + h + BOTTOM
 
 
 def figure_pixels(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -64,11 +74,10 @@ def draw(grid, path: str | Path, *, title: str, metric: str = "binary_acc") -> P
 
     n_rows, n_cols = len(grid.rows), len(grid.columns)
     width, height = figure_inches(n_rows, n_cols)
+    area_w, area_h = _area(n_rows, n_cols)
     fig = plt.figure(figsize=(width, height), dpi=DPI)
-    ax = fig.add_axes((LEFT / width, BOTTOM / height, CELL_W * max(n_cols, 1) / width,
-                       CELL_H * max(n_rows, 1) / height))
-    cax = fig.add_axes(((LEFT + CELL_W * max(n_cols, 1) + 0.25) / width, BOTTOM / height, 0.18 / width,
-                        CELL_H * max(n_rows, 1) / height))
+    ax = fig.add_axes((LEFT / width, BOTTOM / height, area_w / width, area_h / height))
+    cax = fig.add_axes(((LEFT + area_w + 0.25) / width, BOTTOM / height, 0.18 / width, area_h / height))
 
     values = [c.mean for c in grid.cells.values() if c.mean is not None]
     lo, hi = _range(values)
@@ -85,9 +94,11 @@ def draw(grid, path: str | Path, *, title: str, metric: str = "binary_acc") -> P
                 main = cell.text.split(" (")[0]
                 extra = f"{cell.diverged}/{cell.runs} diverged" if cell.diverged else (
                     f"{len(cell.values)} seeds" if len(cell.values) > 1 else "")
-                ax.text(j + 0.5, i + (0.4 if extra else 0.5), main, ha="center", va="center", fontsize=10, color=ink)
+                ax.annotate(main, (j + 0.5, i + 0.5), xytext=(0, 5 if extra else 0), textcoords="offset points",
+                            ha="center", va="center", fontsize=10, color=ink)
                 if extra:
-                    ax.text(j + 0.5, i + 0.75, extra, ha="center", va="center", fontsize=7.5, color=ink)
+                    ax.annotate(extra, (j + 0.5, i + 0.5), xytext=(0, -8), textcoords="offset points", ha="center",
+                                va="center", fontsize=7.5, color=ink)
             elif cell.state == "diverged":
                 ax.add_patch(Rectangle((j, i), 1, 1, facecolor=DIVERGED_COLOUR, edgecolor="white", lw=2,
                                        hatch="///"))
@@ -108,8 +119,11 @@ def draw(grid, path: str | Path, *, title: str, metric: str = "binary_acc") -> P
     label = f"{METRIC_NAMES.get(metric, metric)} (%)"
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax)
     bar.set_label(label)
-    fig.suptitle(f"{title}\n{label} at the last epoch, mean ± std over seeds", y=1 - 0.12 / height, va="top",
-                 fontsize=11)
+    lines = textwrap.wrap(title, width=int(width * TITLE_CHARS_PER_INCH))
+    if len(lines) > 2:
+        lines = [lines[0], textwrap.shorten(" ".join(lines[1:]), int(width * TITLE_CHARS_PER_INCH))]
+    fig.suptitle("\n".join([*lines, f"{label} at the last epoch, mean ± std over seeds"]), y=1 - 0.1 / height,
+                 va="top", fontsize=11)
     fig.legend(handles=[Patch(facecolor=NA_COLOUR, label="n/a: no run"),
                         Patch(facecolor=DIVERGED_COLOUR, hatch="///", label="diverged: every run")],
                loc="lower center", ncol=2, frameon=False, fontsize=8.5, bbox_to_anchor=(0.5, 0.02))

@@ -158,6 +158,28 @@ def test_study_parent_run_and_wall_time(store, tmp_path):
     assert study.run_wall_s(run_dir) == 42.75
 
 
+def test_the_run_in_progress_is_on_record_before_it_ends(store, tmp_path):
+    """What the heartbeat saves: a reboot mid-run still leaves that run's wall time so far in bench.json; the
+    run's end replaces that entry instead of adding one."""
+    uri, _, _ = store
+    root = tmp_path / "runs"
+    run_dir = root / "bnn-BW-s0"
+    run_dir.mkdir(parents=True)
+    study.record_run(run_dir, 100.0, "running", 0, 1, invocation="an earlier, killed invocation")
+    the_study = study.Study(root, uri, "bench", "table2", {"epochs": 3}, "abc123")
+    the_study.begin_run(run_dir)
+    (run_dir / "epochs.jsonl").write_text(json.dumps({"epoch": 2}) + "\n")
+    the_study.save()
+    entries = json.loads((run_dir / study.RUN_RECORD).read_text())["invocations"]
+    assert [(e["status"], e["epochs_after"]) for e in entries] == [("running", 1), ("running", 1)]
+    assert entries[1]["invocation"] == the_study.invocation
+    wall = the_study.end_run("finished")
+    entries = json.loads((run_dir / study.RUN_RECORD).read_text())["invocations"]
+    assert [e["status"] for e in entries] == ["running", "finished"]
+    assert study.run_wall_s(run_dir) == pytest.approx(100.0 + wall, abs=1e-3)
+    the_study.finish([])
+
+
 def test_bench_plan_with_extra_seeds(tmp_path):
     bench = importlib.import_module("bench.cifar10_resnet20")
     args = bench.parse_args(["--variants", "fp,bnn,bnn++,pq", "--tasks", "BW,BWA", "--extra-seeds",

@@ -172,7 +172,7 @@ def test_report_figure_and_its_mlflow_run(store, tmp_path):
 
     files = make_report(store, tmp_path / "report", "pcpp", filter_tags={"pcpp.pipeline": "ft"})
     assert files.figure == tmp_path / "report" / "pcpp-binary_acc.png"
-    assert png_size(files.figure) == figure_pixels(4, 2)  # fp, bnn, bnn++, pq x BW, BWA
+    assert png_size(files.figure) == figure_pixels(4, 2) == (695, 400)  # fp, bnn, bnn++, pq x BW, BWA
     assert imread(files.figure).shape[:2] == figure_pixels(4, 2)[::-1]  # decodes: height x width
     assert "## Honesty" in files.markdown.read_text(encoding="utf-8")
 
