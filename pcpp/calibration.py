@@ -247,9 +247,10 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     Each BatchNorm (tracking running statistics) is reset and then averages, with equal weight, the batch
     statistics it sees while `batches` ((N, ...) inputs or (inputs, labels) pairs, e.g. a few training
     batches) run through the model in eval mode, the binarized layers honest (sign activations and
-    weights), the BatchNorms alone in train mode. Affine weights, parameters and every module's flags
-    (training, honest, momentum) are as before on return. `reduce`, when given, is called on each
-    running_mean / running_var tensor after the pass and must average it in place over the workers
+    weights), the BatchNorms alone in train mode. Affine weights, parameters, every module's flags
+    (training, honest, momentum) and BWAA's overflow counters (pcpp.layers.evaluation) are as before on
+    return. `reduce`, when given, is called on each running_mean / running_var tensor after the pass and
+    must average it in place over the workers
     (torch.distributed all_reduce / world size), so that every rank keeps the same statistics.
     LayerNorm and models without BatchNorm are untouched, and so is a BatchNorm the eval-mode forward
     never reaches (a training-only branch). Floating inputs are cast to the dtype of the model's
@@ -263,7 +264,6 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in norms}
-    counters = [(m, m.overflow_count.clone(), m.accumulator_count.clone()) for _, m in binary_layers(model)]
     seen = 0
     try:
         with evaluation(model, honest=True):
@@ -295,7 +295,4 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     finally:
         for m, (momentum, *_) in saved.items():
             m.momentum = momentum
-        for m, overflows, accumulated in counters:  # BWAA's overflow rate counts training steps only
-            m.overflow_count.copy_(overflows)
-            m.accumulator_count.copy_(accumulated)
     return len(norms)

@@ -337,16 +337,24 @@ def set_binary_eval(model: nn.Module, enabled: bool = True) -> nn.Module:
 @contextlib.contextmanager
 def evaluation(model: nn.Module, honest: bool = True):
     """Context: eval mode, binarized layers honest (or on their training forward with honest=False);
-    restores every module's training flag and every layer's honest flag on exit."""
+    restores every module's training flag, every layer's honest flag and BWAA's overflow counters on exit:
+    the overflow rate a run reports counts its training steps, never an evaluation's forwards (read the
+    counters inside the context to measure an evaluation's own)."""
     modes = {m: m.training for m in model.modules()}
-    previous = {name: m.honest for name, m in binary_layers(model)}
+    previous = {name: (m.honest, m.overflow_count.clone(), m.accumulator_count.clone())
+                for name, m in binary_layers(model)}
     set_binary_eval(model, honest)
     model.eval()
     try:
         yield model
     finally:
         for name, m in binary_layers(model):
-            m.honest = previous.get(name, False)
+            if name in previous:
+                m.honest, overflows, accumulated = previous[name]
+                m.overflow_count.copy_(overflows)
+                m.accumulator_count.copy_(accumulated)
+            else:
+                m.honest = False
         for m, mode in modes.items():
             m.training = mode
 

@@ -126,14 +126,14 @@ def test_overflow_counts_survive_half(dtype):
     half.load_state_dict(ref.state_dict())
     half = half.to(dtype)
     x = torch.rand(300, 512) - 0.1
-    with binary_eval(ref), binary_eval(half):
+    with binary_eval(ref), binary_eval(half):  # counters read inside: an evaluation's are restored on exit
         for _ in range(3):  # 3 * 300 * 64 = 57,600 accumulators: past fp16's exact integers
             ref(x)
             half(x.to(dtype))
-    assert half.accumulator_count.dtype == torch.int64
-    assert int(half.accumulator_count) == int(ref.accumulator_count) == 3 * 300 * 64
-    assert int(half.overflow_count) == int(ref.overflow_count) > 0
-    assert half.overflow_rate == ref.overflow_rate
+        assert half.accumulator_count.dtype == torch.int64
+        assert int(half.accumulator_count) == int(ref.accumulator_count) == 3 * 300 * 64
+        assert int(half.overflow_count) == int(ref.overflow_count) > 0
+        assert half.overflow_rate == ref.overflow_rate
 
 
 def test_bwaa_in_float64_stays_float64():

@@ -288,17 +288,19 @@ def test_bwaa_linear_wraps_integer_dot_products():
     with torch.no_grad():
         layer.weight.copy_(w)
     model = nn.Sequential(layer)
-    with binary_eval(model):
-        out = model(x)
-
     acc = ref_sign(x).long().numpy() @ ref_sign(w).long().numpy().T  # exact int64 accumulators
     assert (acc > 127).any() and (acc < -128).any(), "the test needs overflow in both directions"
-    assert out.tolist() == ref_wrap(acc).astype(np.float32).tolist()
     outside = float(((acc < -128) | (acc > 127)).mean())
-    assert layer.overflow_rate == pytest.approx(outside, abs=1e-12)
-    assert pl.overflow_rates(model) == {"0": pytest.approx(outside, abs=1e-12)}
-    assert pl.overflow_rates(model, reset=True)["0"] > 0
-    assert pl.overflow_rates(model) == {"0": 0.0}
+    with binary_eval(model):  # the counters of an evaluation: read inside it (restored on exit)
+        out = model(x)
+        assert layer.overflow_rate == pytest.approx(outside, abs=1e-12)
+        assert pl.overflow_rates(model) == {"0": pytest.approx(outside, abs=1e-12)}
+        assert pl.overflow_rates(model, reset=True)["0"] > 0
+        assert pl.overflow_rates(model) == {"0": 0.0}
+    assert out.tolist() == ref_wrap(acc).astype(np.float32).tolist()
+    model.train()  # training steps count, and stay counted
+    model(x)
+    assert pl.overflow_rates(model) == {"0": pytest.approx(outside, abs=1e-12)}  # the same signs in training
 
 
 @pytest.mark.parametrize("scaling", SCALED)
@@ -324,11 +326,12 @@ def test_bwaa_conv_overflow_rate_counted():
     with torch.no_grad():
         layer.weight.abs_()  # all +1: a 3x3x64 window of +1 activations sums to 576
     x = torch.rand(2, 64, 5, 5)
+    ref = F.conv2d(torch.ones_like(x), torch.ones_like(layer.weight), padding=1)
     with binary_eval(layer):
         out = layer(x)
-    ref = F.conv2d(torch.ones_like(x), torch.ones_like(layer.weight), padding=1)
+        assert layer.overflow_rate == pytest.approx(float((ref > 127).double().mean()))
     assert out.tolist() == ref_wrap(ref.long().numpy()).astype(np.float32).tolist()
-    assert layer.overflow_rate == pytest.approx(float((ref > 127).double().mean()))
+    assert layer.overflow_rate == 0.0  # the evaluation's counts end with it
 
 
 def test_bwaa_gradient_passes_through_wrap():

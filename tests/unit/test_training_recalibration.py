@@ -54,6 +54,9 @@ def test_the_saved_network_is_the_recalibrated_one_it_evaluated(shards, process_
     run.recalibrate_bn()  # the epoch's overflow rate counts training steps only
     assert all(torch.equal(m.overflow_count, o) and torch.equal(m.accumulator_count, a)
                for (_, m), (o, a) in zip(binary_layers(run.module), counters))
+    run.evaluate()  # nor the test-set forwards of the epoch's evaluation (epoch_metrics reads the rate after it)
+    assert all(torch.equal(m.overflow_count, o) and torch.equal(m.accumulator_count, a)
+               for (_, m), (o, a) in zip(binary_layers(run.module), counters))
     final = torch.load(tmp_path / "run" / "final" / "model.pt", weights_only=True)
     saved = {k: v for k, v in final.items() if k.endswith(("running_mean", "running_var"))}
     assert saved
