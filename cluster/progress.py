@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 VERBOSE_ENV = "PCPP_VERBOSE"
+FUSED_ENV = "PCPP_FUSED"  # pcpp.kernels.ENV (not imported: it would import torch into every pcpp command)
 _SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
 _OURS = "PCPP_SET_SKIP_REGEX"  # marks a skip regex set by us, so that set_verbose(True) may remove it
 
@@ -57,8 +58,12 @@ def set_verbose(on: bool) -> None:
 def worker_env() -> dict[str, str]:
     """Environment for the Ray workers (ensure_ray's runtime_env). Quiet: Ray Train V2's print patch off
     (RAY_TRAIN_ENABLE_PRINT_PATCH=0): it logs every print of a Train worker a second time when stdout is
-    wrapped, and turns each Ray tqdm update (a line ending in a newline) into an extra empty line."""
+    wrapped, and turns each Ray tqdm update (a line ending in a newline) into an extra empty line.
+    PCPP_FUSED (pcpp.kernels' path), when set: workers of a cluster started elsewhere do not inherit the
+    driver's environment."""
     env = {VERBOSE_ENV: "1" if verbose() else "0"}
+    if FUSED_ENV in os.environ:
+        env[FUSED_ENV] = os.environ[FUSED_ENV]
     if not verbose():
         env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return env

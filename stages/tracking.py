@@ -3,6 +3,9 @@
 - `client(uri)`: one MlflowClient per store URI, per process.
 - `start_run(...)` / `start_training_run(...)`: create a run (a training run directory's run is reused on
   resume); `Run(uri, run_id)`: log metrics, params, files, text and tags to it, then `finish` it.
+- `kernel_tags()`: the fused-kernel path (tag pcpp.kernels), set when a training run starts (the driver's
+  PCPP_FUSED, which cluster.progress.worker_env passes on to the workers) and by rank 0 with every epoch
+  (the path the worker ran, with any compile failure).
 - `log_to_run(ctx, ...)`: a pipeline stage's child run.
 - `one_line(error)`: a failure as one line.
 
@@ -20,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcpp import tasks
+from pcpp import kernels, tasks
 
 RUN_ID_FILE = "mlflow_run_id"
 _RAISED = re.compile(r"^[\w.]*(Error|Exception|Exit)\b[^:]*: ")
@@ -54,6 +57,11 @@ class Run:
             if isinstance(v, (int, float)):
                 self.client.log_metric(self.run_id, k, float(v), step=step)
 
+    def log_epoch(self, metrics: Mapping, step: int) -> None:
+        """An epoch's metrics (`log_metrics`) and the fused-kernel path this process ran it on (`kernel_tags`)."""
+        self.log_metrics(metrics, step=step)
+        self.set_tags(kernel_tags())
+
     def log_params(self, params: Mapping) -> None:
         for k, v in params.items():
             self.client.log_param(self.run_id, k[:MAX_PARAM_KEY], str(v)[:MAX_PARAM_VALUE])
@@ -76,6 +84,18 @@ class Run:
         if message:
             self.client.set_tag(self.run_id, "pcpp.message", message[:MAX_TAG_VALUE])
         self.client.set_terminated(self.run_id, status=status)
+
+
+def kernel_tags() -> dict[str, str]:
+    """The fused-kernel path of this process (pcpp.kernels, PCPP_FUSED): tag pcpp.kernels (auto, compile, eager
+    or reference) and, where compiling failed and the kernels ran eagerly, pcpp.kernels.compile_failures
+    (device type: error, one per device type: after a failure that device never compiles again)."""
+    tags = {"pcpp.kernels": kernels.mode()}
+    failures = kernels.compile_failures()
+    if failures:
+        text = "; ".join(f"{device}: {error}" for device, error in sorted(failures.items()))
+        tags["pcpp.kernels.compile_failures"] = text[:MAX_TAG_VALUE]
+    return tags
 
 
 def start_run(uri: str, experiment: str, artifact_root: Path, *, run_name: str | None = None,
@@ -173,7 +193,7 @@ def start_training_run(cfg, run_dir: Path, uri: str, parent_run_id: str | None =
     if run_id is not None:
         return run_id
     tags = {MLFLOW_RUN_NAME: run_name or cfg.name, "pcpp.pipeline": cfg.pipeline, "pcpp.init": cfg.init,
-            "pcpp.rule": cfg.algorithm.rule, **(nested_tags or {})}
+            "pcpp.rule": cfg.algorithm.rule, **kernel_tags(), **(nested_tags or {})}
     if cfg.binarize is not None:
         weight = cfg.binarize.weight
         tags.update({"pcpp.task": cfg.binarize.task, "pcpp.units": cfg.binarize.units,

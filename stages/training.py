@@ -437,7 +437,7 @@ class TrainingRun:
     def log_epoch(self, epoch: int, metrics: dict) -> None:
         if self.rank == 0:
             if self.tracker is not None and epoch + 1 not in self.in_mlflow:
-                self.tracker.log_metrics(metrics, step=epoch + 1)
+                self.tracker.log_epoch(metrics, epoch + 1)  # with the kernel path (stages.tracking)
                 self.in_mlflow.add(epoch + 1)
             with (self.run_dir / HISTORY).open("a") as f:
                 f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")

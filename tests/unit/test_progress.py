@@ -36,7 +36,8 @@ def test_the_skip_regex_drops_noise_and_keeps_what_matters():
 
 
 def test_set_verbose_sets_and_removes_only_its_own_filter(monkeypatch):
-    for key in ("RAY_DEDUP_LOGS_SKIP_REGEX", "PCPP_SET_SKIP_REGEX", "PCPP_VERBOSE", "RAY_TRAIN_ENABLE_PRINT_PATCH"):
+    for key in ("RAY_DEDUP_LOGS_SKIP_REGEX", "PCPP_SET_SKIP_REGEX", "PCPP_VERBOSE", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+                "PCPP_FUSED"):
         monkeypatch.setenv(key, "")  # recorded, so that whatever set_verbose writes is undone after the test
         monkeypatch.delenv(key)
     progress.set_verbose(False)
@@ -49,6 +50,21 @@ def test_set_verbose_sets_and_removes_only_its_own_filter(monkeypatch):
     progress.set_verbose(False)
     progress.set_verbose(True)
     assert progress.os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] == "mine"
+
+
+@pytest.mark.parametrize("value", ["0", "compile", "eager"])
+def test_the_workers_get_the_drivers_pcpp_fused(monkeypatch, value):
+    """Workers of a cluster started elsewhere do not inherit the driver's environment: worker_env passes
+    PCPP_FUSED (pcpp.kernels' path) on when it is set, and leaves the workers' default alone otherwise."""
+    from pcpp import kernels
+
+    assert progress.FUSED_ENV == kernels.ENV
+    monkeypatch.setenv("PCPP_FUSED", value)
+    for verbose in (False, True):
+        monkeypatch.setenv("PCPP_VERBOSE", "1" if verbose else "0")
+        assert progress.worker_env()["PCPP_FUSED"] == value
+    monkeypatch.delenv("PCPP_FUSED")
+    assert "PCPP_FUSED" not in progress.worker_env()
 
 
 def test_bar_outside_ray_is_tqdm_and_verbose_is_a_flag_of_run_train_sweep():
