@@ -14,7 +14,9 @@ Compiled values differ from eager ones by rounding only (Inductor's tanh is not 
 - `auto` (default, also `1`): fused autograd functions; a kernel is compiled for tensors of at least
   COMPILE_MIN_NUMEL elements and run eagerly below (a compile costs seconds per kernel, 40 s cold on 2 busy
   cores, cached on disk by Inductor for later processes; small tensors gain nothing, and unit tests stay
-  fast). Compiled weights measured no faster (bench/layers.py --kernels auto compile): they stay eager;
+  fast). Weights follow the same rule: ResNet-20's and DeiT-T's (at most 1.5e5 elements) stay eager, a larger
+  one (ViT-B's 768x3072 MLP) compiles; compiled, ResNet-20's weights measured no faster (bench/layers.py
+  --kernels auto compile);
 - `compile`: compile at every size; `eager`: the fused functions, never compiled;
 - `reference` (also `0`): the unfused code, each pair through its generic autograd function and every step a
   separate autograd op: the ground truth of tests/unit/test_fused.py.
@@ -42,15 +44,18 @@ ENV = "PCPP_FUSED"
 COMPILE_MIN_NUMEL = 2**18
 
 
-def _check(mode: str) -> str:
-    mode = _ALIASES.get(mode.strip().lower(), mode.strip().lower())
-    if mode not in MODES:
-        raise ValueError(f"unknown fused-kernel mode {mode!r} ({ENV}); valid: {', '.join(MODES)} (or 1 = auto, "
+def _check(mode: str, source: str = "pcpp.kernels.set_mode") -> str:
+    """The mode `mode` names (case and surrounding blanks aside, aliases resolved); ValueError naming the value
+    as given and where it came from (`source`: the environment variable or the function)."""
+    key = str(mode).strip().lower()
+    resolved = _ALIASES.get(key, key)
+    if resolved not in MODES:
+        raise ValueError(f"unknown fused-kernel mode {mode!r} ({source}); valid: {', '.join(MODES)} (or 1 = auto, "
                          "0 = reference)")
-    return mode
+    return resolved
 
 
-_mode = _check(os.environ.get(ENV, "auto"))
+_mode = _check(os.environ.get(ENV, "auto"), ENV)
 _compiled: dict[tuple[Callable, str], Callable] = {}
 _broken: dict[str, str] = {}  # device type -> why compiling failed there
 

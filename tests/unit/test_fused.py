@@ -13,6 +13,9 @@ cold on 2 busy cores) are checked in tests/integration/test_fused_compiled.py wi
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ import torch
 from pcpp import kernels, quantizers
 from pcpp.accumulators import wrap_by_floor, wrap_integer
 from pcpp.layers import BinaryConv2d, BinaryLinear, set_progress
+from pcpp.quantizers import fused
 
 pytestmark = pytest.mark.unit
 
@@ -113,16 +117,27 @@ def test_eager_fused_pair_equals_reference(name, case):
         compare(q.set_progress(p), case, "eager")
 
 
+def _no_backward(w, **params):
+    raise AssertionError("B computed where no gradient is wanted")
+
+
 @pytest.mark.parametrize("name", quantizers.names())
 def test_without_autograd_only_f_is_computed(name):
+    """Under no_grad, or when nothing requires a gradient, the fused path computes F alone: a B that raises
+    is never called, and the values are the reference's."""
     q = quantizers.get(name).set_progress(0.37)
     x, shift, _, _ = case_inputs("threshold_conv")
     with kernels.using("reference"):
-        want = q.apply_pair(x, shift=shift)
-    with torch.no_grad():
-        got = q.apply_pair(x.requires_grad_(), shift=shift)
-    assert got.grad_fn is None and torch.equal(got, want.detach())
-    assert torch.equal(q.apply_pair(x.detach(), shift=shift), want.detach())  # nothing requires a gradient
+        want = q.apply_pair(x, shift=shift).detach()
+    params = q.params
+    with kernels.using("eager"):
+        with torch.no_grad():
+            got = fused.apply(x.detach().requires_grad_(), q.forward_fn, _no_backward, params, shift=shift)
+        assert got.grad_fn is None and torch.equal(got, want)
+        got = fused.apply(x.detach(), q.forward_fn, _no_backward, params, shift=shift.detach())
+        assert got.grad_fn is None and torch.equal(got, want)  # nothing requires a gradient
+        with pytest.raises(AssertionError, match="B computed"):  # with autograd, B is computed beside F
+            fused.apply(x.detach().requires_grad_(), q.forward_fn, _no_backward, params, shift=shift)
 
 
 @pytest.mark.parametrize("name", quantizers.names())
@@ -213,14 +228,37 @@ def test_wrap_by_floor_is_wrap_integer_bit_for_bit(dtype):
         assert torch.equal(wrap_by_floor(z, bits).view(as_int), wrap_integer(z, bits).view(as_int)), bits
 
 
-def test_unknown_mode_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="'fast'.*auto, compile, eager, reference"):
-        kernels.set_mode("fast")
+def test_unknown_mode_names_the_value_as_typed_where_it_came_from_and_the_valid_ones():
+    before = kernels.mode()
+    with pytest.raises(ValueError) as err:
+        kernels.set_mode(" Fast ")
+    assert str(err.value) == ("unknown fused-kernel mode ' Fast ' (pcpp.kernels.set_mode); valid: auto, compile, "
+                              "eager, reference (or 1 = auto, 0 = reference)")
+    assert kernels.mode() == before
+    # the environment, read at import: a fresh interpreter refuses it naming PCPP_FUSED
+    done = run_python("import pcpp.kernels", {kernels.ENV: "Fused"})
+    assert done.returncode != 0
+    assert ("ValueError: unknown fused-kernel mode 'Fused' (PCPP_FUSED); valid: auto, compile, eager, reference "
+            "(or 1 = auto, 0 = reference)") in done.stderr
 
 
-def test_fused_is_the_default_without_pcpp_fused(monkeypatch):
-    monkeypatch.delenv(kernels.ENV, raising=False)
-    assert kernels._check(os.environ.get(kernels.ENV, "auto")) == "auto"
+def run_python(code: str, env: dict[str, str | None]) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (pcpp.kernels reads PCPP_FUSED once, at import), with `env` applied to
+    this one's environment (None removes a variable)."""
+    full = dict(os.environ)
+    for k, v in env.items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
+    return subprocess.run([sys.executable, "-c", code], env=full, cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_fused_is_the_default_without_pcpp_fused():
+    done = run_python("from pcpp import kernels; print(kernels.mode())", {kernels.ENV: None})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "auto"
     for value, mode in (("0", "reference"), ("1", "auto"), ("", "auto"), (" Eager ", "eager")):
         assert kernels._check(value) == mode
 
