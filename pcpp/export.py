@@ -14,9 +14,9 @@ thresholds and any activation placement).
 `save(..., precision="fp16" | "bf16")` stores the kept full-precision tensors (first conv / patch embedding,
 head, norms, biases, thresholds, positional embeddings, the binarized layers' scales: everything but the
 packed bits) at 2 bytes a value instead of 4; the manifest records the precision and each tensor's own
-dtype, and `load` casts them back, so the reloaded model is fp32 throughout. ViT-B/16 BW: 17.15 MB
-(16.35 MiB) with fp32, 13.88 MB (13.24 MiB) with fp16 or bf16 (the paper: 450 MB -> 15 MB; measured by
-bench/export_size.py). The default, fp32, stays bit-exact. Otherwise:
+dtype, and `load` casts them back to the dtype they were saved from (fp32 for a fp32 model). ViT-B/16
+BW: 17.15 MB (16.35 MiB) with fp32, 13.88 MB (13.24 MiB) with fp16 or bf16 (the paper: 450 MB -> 15 MB;
+measured by bench/export_size.py). The default, fp32, stays bit-exact. Otherwise:
 - BW (no binarized activation): the logits differ from `binary_eval`'s by rounding only,
   `round_trip_error(got, expected) <= LOGIT_TOLERANCE[precision]` (the largest absolute difference over
   the largest absolute logit; fp16 5e-3, bf16 5e-2, measured figures beside LOGIT_TOLERANCE).
@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,14 +301,27 @@ def save(model: nn.Module, path: str | Path, *, recipe: dict | None = None,
 
 
 def _cast(key: str, t: torch.Tensor, dtype: torch.dtype, precision: str) -> torch.Tensor:
-    """`t` in `dtype`, refused (naming the tensor) when a finite value does not fit (fp16 tops at 65504)."""
+    """`t` in `dtype`, refused (naming the tensor) when a finite value does not fit (fp16 tops at 65504);
+    a RuntimeWarning (naming it) when nonzero values round to 0 (fp16's smallest is 6e-8: a dead channel's
+    scale, a tiny running variance), which the reloaded model then holds."""
     if t.dtype == dtype:
         return t
     out = t.to(dtype)
+    wider = "bf16 or fp32" if precision == "fp16" else "fp32"
     if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
         raise ValueError(f"cannot export {key} in {precision}: its values reach {t.abs().max().item():.4g}, "
-                         f"beyond {precision}'s range (largest {torch.finfo(dtype).max:.4g}); use bf16 or fp32")
+                         f"beyond {precision}'s range (largest {torch.finfo(dtype).max:.4g}); use {wider}")
+    lost = (out == 0) & (t != 0)
+    if bool(lost.any()):
+        warnings.warn(f"exporting {key} in {precision}: {int(lost.sum())} nonzero value(s) become 0 (the smallest, "
+                      f"{t[lost].abs().min().item():.3g}, is below {precision}'s smallest value "
+                      f"{_smallest(dtype):.3g}); use {wider} to keep them", RuntimeWarning, stacklevel=3)
     return out
+
+
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive value of a floating dtype (its smallest subnormal)."""
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
 
 
 def _dtype(name: str) -> torch.dtype:

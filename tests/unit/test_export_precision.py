@@ -196,6 +196,28 @@ def test_a_tensor_beyond_fp16_is_refused_naming_it(tmp_path, bw_resnet20):
     assert export.load(tmp_path / "m.safetensors").bn1.running_var[0] == torch.tensor(1e5).bfloat16().float()
 
 
+def test_values_fp16_rounds_to_zero_are_reported_naming_the_tensor(tmp_path, bw_resnet20):
+    """A dead channel (weights ~1e-9, so its scale is ~1e-9) exported at fp16 stores a scale of 0: a
+    RuntimeWarning names the tensor, the precision, the count and the smallest value; bf16 and fp32 keep it."""
+    import warnings
+
+    model = copy.deepcopy(bw_resnet20)
+    layer = model.layer1[0].conv1
+    with torch.no_grad():
+        layer.weight[2] = 1e-9 * torch.sign(layer.weight[2])
+    with pytest.warns(RuntimeWarning) as caught:
+        export.save(model, tmp_path / "m.safetensors", precision="fp16")
+    messages = [str(w.message) for w in caught]
+    assert messages == ["exporting layer1.0.conv1.weight (scales) in fp16: 1 nonzero value(s) become 0 (the "
+                        "smallest, 1e-09, is below fp16's smallest value 5.96e-08); use bf16 or fp32 to keep them"]
+    assert export.load(tmp_path / "m.safetensors").layer1[0].conv1.weight_scale().reshape(-1)[2] == 0
+    for precision in ("bf16", "fp32"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            export.save(model, tmp_path / "m.safetensors", precision=precision)
+        assert export.load(tmp_path / "m.safetensors").layer1[0].conv1.weight_scale().reshape(-1)[2] > 0
+
+
 # ---- the export stage ----------------------------------------------------------------------------------------
 
 
