@@ -219,13 +219,13 @@ class TrainingRun:
     directory for `report` to persist, `persist=False` (no Ray) into `run_dir/checkpoints`, which is then also
     what a rerun resumes from. `run`, when given, is the MLflow run rank 0 logs to (stages.tracking.Run).
     `fault` is the test hook of stages.storage; `launch` and `node` go into starts.jsonl (restart counts).
-    torch.distributed must be initialised (Ray Train does it in its workers).
+    torch.distributed must be initialised (Ray Train does it in its workers). `mark(phase)`: stages.profile.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, rank: int = 0, world_size: int = 1,
                  run: Run | None = None, report: Callable[..., None] | None = None, resume_from=None,
                  persist: bool = False, fault: dict | None = None, launch: str | None = None,
-                 node: str | None = None):
+                 node: str | None = None, mark: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank, self.world = rank, world_size
@@ -233,7 +233,7 @@ class TrainingRun:
         self.report = report or (lambda metrics, checkpoint_dir=None: None)
         self.resume_from, self.persist = resume_from, persist
         self.fault = Fault(fault, rank, node)
-        self.launch, self.node = launch, node
+        self.launch, self.node, self.mark = launch, node, mark or (lambda phase: None)
         self.status, self.message = "finished", ""
         self.metrics: dict = {}
         self.history: list[dict] = []  # {"epoch", **metrics} of every completed epoch, saved with checkpoints
@@ -261,6 +261,7 @@ class TrainingRun:
         self.test_loader = make_loader(resolve(cfg.data.test), batches, train=False, batch_size=EVAL_BATCH,
                                        seed=cfg.seed, rank=rank, world_size=world, epoch_length=eval_per_rank)
         model, rule = build_model(cfg)
+        self.mark("model build")
         balance = prepare_activations(model, cfg, self.train_loader)
         self.teacher = build_teacher(cfg) if cfg.distill.enabled else None
         optimizer = make_optimizer(cfg, model)
@@ -268,6 +269,7 @@ class TrainingRun:
         # so the rule's hooks run around its step on the model's parameters (then sync its master copies).
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(cfg, world), dist_init_required=False)
+        self.mark("calibration, DeepSpeed init")
         self.module = self.engine.module
         self.device = self.engine.device
         if self.teacher is not None:
