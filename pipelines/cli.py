@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -90,17 +91,37 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from stages.config import load_config
     from stages.engine import fit
+    from stages.profile import PhaseTimer, process_start
 
+    timer = PhaseTimer() if args.profile_startup else None
+    if timer is not None:  # from the process's start: the interpreter and the imports of pcpp
+        timer.add("pcpp start (interpreter, imports)", time.time() - process_start())
     cfg = load_config(args.config, args.overrides)
-    result = fit(cfg, run_dir=args.run_dir)
+    if timer is not None:
+        timer.mark("config")
+    result = fit(cfg, run_dir=args.run_dir, timer=timer)
     m = result.metrics
     if result.ok:
         print(f"{cfg.name}: finished {result.epochs_done} epochs: binary acc {m.get('binary_acc', 0):.4f}, "
               f"training-forward acc {m.get('forward_acc', 0):.4f}; run dir {result.run_dir}; "
               f"MLflow run {result.run_id}")
-        return 0
-    print(f"{cfg.name}: {result.message} (run dir {result.run_dir}, MLflow run {result.run_id})", file=sys.stderr)
-    return 3
+    else:
+        print(f"{cfg.name}: {result.message} (run dir {result.run_dir}, MLflow run {result.run_id})", file=sys.stderr)
+    if timer is not None:
+        print_profile(timer)
+    return 0 if result.ok else 3
+
+
+def print_profile(timer) -> None:
+    """Ray shut down (timed: it is part of every run's cost), then the table of where the time went."""
+    import ray
+
+    from stages.profile import EPOCHS, format_table, process_start
+
+    with timer.phase("Ray shutdown"):
+        ray.shutdown()
+    print(format_table(timer.seconds, wall=time.time() - process_start(), epochs=timer.seconds.get(EPOCHS, 0.0)),
+          flush=True)
 
 
 def _exit_on_sigterm(message: str) -> None:
@@ -192,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML training config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
     p.add_argument("--run-dir", help="run directory (default: under tracking.run_root); a rerun resumes it")
+    p.add_argument("--profile-startup", action="store_true",
+                   help="print where the wall time went (Ray start, model build, DeepSpeed init, epochs, evaluation, "
+                        "checkpoint, MLflow, shutdown) and the ratio wall / epochs")
     p.add_argument("--verbose", action="store_true",
                    help="print everything Ray forwards from its workers (default: one line per stage, epoch, error)")
     p.set_defaults(func=cmd_train)
