@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pcpp.evaluation import model_device, model_dtype
 from pcpp.layers import BinaryMixin, binary_layers, evaluation
 
 _MAX_PER_CHANNEL = 1 << 14  # values kept per channel and batch (a fixed, evenly spaced subsample)
@@ -42,11 +43,6 @@ def _inputs(batch) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"a calibration batch is a tensor or an (inputs, labels) pair, got {type(x).__name__}")
     return x
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def channel_rows(layer: BinaryMixin, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +111,7 @@ def calibrate_thresholds_(model: nn.Module, batches: Iterable, *, honest: bool =
             layer.act_threshold.copy_(balanced_median(seen[name][-1]).to(layer.act_threshold.dtype))
         return pre
 
-    device, n_batches = _device(model), 0
+    device, n_batches = model_device(model), 0
     try:
         for name, layer in layers:
             handles.append(layer.register_forward_pre_hook(hook(name)))
@@ -207,7 +203,7 @@ def check_activation_balance(model: nn.Module, batch, limit: float = 0.99, *, st
             if layer.act_quantizer is not None:
                 handles.append(layer.register_forward_pre_hook(lambda m, a, n=name: pre(m, a, n)))
         with evaluation(model, honest=True):
-            model(_inputs(batch).to(_device(model)))
+            model(_inputs(batch).to(model_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -234,6 +230,14 @@ def prepare_activations_(model: nn.Module, batches: list, *, calibrate: bool = T
     return check_activation_balance(model, batches[0], limit, strict=strict)
 
 
+def _restore(saved: dict) -> None:
+    """Put back the running statistics of `saved` ({BatchNorm: (momentum, mean, var, count)})."""
+    for m, (_, mean, var, count) in saved.items():
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(count)
+
+
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -247,11 +251,15 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     Each BatchNorm (tracking running statistics) is reset and then averages, with equal weight, the batch
     statistics it sees while `batches` ((N, ...) inputs or (inputs, labels) pairs, e.g. a few training
     batches) run through the model in eval mode, the binarized layers honest (sign activations and
-    weights), the BatchNorms alone in train mode. Affine weights, parameters, every module's flags
+    weights), the BatchNorms alone in train mode: the mean of the batch means and the mean of the batch
+    (unbiased) variances, PyTorch's cumulative average and fvcore's precise BN, i.e. the average of what a
+    train-mode BatchNorm normalises each batch with. Affine weights, parameters, every module's flags
     (training, honest, momentum) and BWAA's overflow counters (pcpp.layers.evaluation) are as before on
     return. `reduce`, when given, is called on each running_mean / running_var tensor after the pass and
-    must average it in place over the workers
-    (torch.distributed all_reduce / world size), so that every rank keeps the same statistics.
+    must average it in place over the workers (torch.distributed all_reduce / world size): every rank then
+    keeps the same statistics, and with as many batches on every rank they are exactly those one process
+    gets from all the ranks' batches (both are means over batches; averaging second moments instead would
+    add the spread between the ranks' means but not between batches, so two ranks would disagree with one).
     LayerNorm and models without BatchNorm are untouched, and so is a BatchNorm the eval-mode forward
     never reaches (a training-only branch). Floating inputs are cast to the dtype of the model's
     parameters (fp16 under DeepSpeed). Returns the number of BatchNorms (0: nothing to do). Raises
@@ -260,8 +268,8 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
     norms = _batchnorms(model)
     if not norms:
         return 0
-    device = _device(model) if device is None else torch.device(device)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device = model_device(model) if device is None else torch.device(device)
+    dtype = model_dtype(model)
     saved = {m: (m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in norms}
     seen = 0
@@ -277,20 +285,14 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
                 seen += 1
         if seen == 0:
             raise ValueError("recalibrate_batchnorm_ needs at least one batch")
-        for m, (_, mean, var, count) in saved.items():
-            if int(m.num_batches_tracked) == 0:  # not on the eval-mode path (a training-only head): as it was
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+        # a BatchNorm off the eval-mode path (a training-only head) keeps its statistics
+        _restore({m: state for m, state in saved.items() if int(m.num_batches_tracked) == 0})
         if reduce is not None:  # every BatchNorm, reached or not: each rank makes the same calls
             for m in norms:
                 reduce(m.running_mean)
                 reduce(m.running_var)
     except BaseException:
-        for m, (_, mean, var, count) in saved.items():  # nothing half-estimated stays behind
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
+        _restore(saved)  # nothing half-estimated stays behind
         raise
     finally:
         for m, (momentum, *_) in saved.items():

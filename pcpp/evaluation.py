@@ -16,9 +16,16 @@ from torch import nn
 from pcpp.layers import evaluation
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (cpu for a model without any): where its inputs go."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (float32 without one): what floating inputs are cast
+    to, so that a half-precision model (fp16 under DeepSpeed) gets half inputs."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
@@ -29,8 +36,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | No
     with honest=True, on its true binary forward; every module's flags are restored on exit. device:
     where batches go (default: the model's parameters' device). Total 0 for an empty loader.
     """
-    device = _device(model) if device is None else torch.device(device)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device = model_device(model) if device is None else torch.device(device)
+    dtype = model_dtype(model)
     correct = total = 0
     with evaluation(model, honest), torch.no_grad():
         for x, y in loader:

@@ -108,3 +108,47 @@ def test_a_half_precision_model_gets_half_inputs():
     model = conv_bn("bnn").to(torch.bfloat16)
     assert recalibrate_batchnorm_(model, batches()) == 1
     assert model[1].running_mean.dtype == torch.bfloat16 and torch.isfinite(model[1].running_var).all()
+
+
+def _recalibrate_on_rank(rank: int, world: int, store_path: str, out: str, data: list) -> None:
+    """One rank of a gloo group: recalibrate on its own batches, averaging over ranks; save the statistics."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        model = conv_bn()
+
+        def average(t: torch.Tensor) -> None:  # what stages.training passes
+            dist.all_reduce(t)
+            t.div_(world)
+
+        recalibrate_batchnorm_(model, data[rank], reduce=average)
+        torch.save({k: v for k, v in model[1].state_dict().items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_different_data_get_the_statistics_of_all_their_batches(tmp_path, monkeypatch):
+    """2 processes (gloo on loopback) each recalibrating a BW conv + BatchNorm on their own 2 batches, the
+    second rank's shifted and scaled, end with the same statistics, equal to those of one process on all 4
+    batches (mean of batch means, mean of unbiased batch variances)."""
+    import torch.multiprocessing as mp
+
+    from cluster.train_backend import loopback_interface
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback_interface())
+    data = [batches(2, seed=1), [3.0 * x + 2.0 for x in batches(2, seed=2)]]
+    mp.spawn(_recalibrate_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "bn"), data), nprocs=2)
+    ranks = [torch.load(tmp_path / f"bn.{r}", weights_only=True) for r in range(2)]
+    for key in ("running_mean", "running_var"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    one = conv_bn()
+    recalibrate_batchnorm_(one, data[0] + data[1])
+    torch.testing.assert_close(ranks[0]["running_mean"], one[1].running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["running_var"], one[1].running_var, rtol=1e-6, atol=1e-6)
+    # the ranks' means differ widely: a reduction of second moments would not match one process
+    per_rank = [conv_bn() for _ in data]
+    for model, own in zip(per_rank, data):
+        recalibrate_batchnorm_(model, own)
+    means = torch.stack([m[1].running_mean for m in per_rank])
+    assert (means[1] - means[0]).abs().min() > 0.5 * one[1].running_var.sqrt().min()
