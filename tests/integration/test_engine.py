@@ -76,6 +76,22 @@ def test_mlflow_records_params_metrics_artifacts(finished_run):
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "config.yaml" in artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} == {"checkpoint/model.pt"}
+    assert "profile.json" in artifacts  # where the run's time went (stages.profile)
+
+
+def test_the_profile_covers_driver_ray_train_and_worker_phases(finished_run):
+    from stages.profile import EPOCHS, PROFILE
+
+    _, result = finished_run
+    phases = result.profile
+    for name in ("Ray start", "MLflow run start", "Ray Train start (controller, workers, torch.distributed)",
+                 "model build", "calibration, DeepSpeed init", EPOCHS, "evaluation (forward and honest)",
+                 "DeepSpeed checkpoint", "Ray Train end (workers, controller)"):
+        assert phases.get(name, -1) >= 0, name
+    assert list(phases).index("Ray start") < list(phases).index(EPOCHS) < list(phases).index("Ray Train end "
+                                                                                            "(workers, controller)")
+    worker = json.loads((Path(result.run_dir) / PROFILE).read_text())
+    assert worker["entered"] <= worker["left"] and worker["phases"][EPOCHS] == phases[EPOCHS]
 
 
 def test_resume_after_interruption_matches_uninterrupted(finished_run, tiny_shards, tmp_path):
