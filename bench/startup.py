@@ -14,20 +14,27 @@ the epoch line reports). Everything that is not the epoch's steps is fixed cost:
 but Ray's start and shutdown again.
 
 Measured on the 2-core development machine while other jobs held both cores (load average 6-15), so seconds
-are loose and only one run's ratios compare. Issue 11's run on a quieter machine: 63 s wall, 28 s epoch.
+are loose and only the ratios within one run compare (issue 11's run on a quieter machine: 63 s wall, 28 s
+epoch). Phases in seconds; "eval" is the forward and honest passes over the test set plus the BatchNorm
+re-estimation (50 training batches by default), "rest" everything else but the epoch's steps.
 
-Before (71da517, the profiling alone added), full 10k test set:
-    pcpp train pipelines/configs/resnet20_ft_bnnpp.yaml data.train=/work/data/cifar10/train
-        data.test=/work/data/cifar10/test data.epoch_length=10000 tracking.run_root=/tmp/startup/before
-        --profile-startup
-    pcpp start (interpreter, imports) 3.80, driver: import Ray Train 3.54, checks (incl. the driver's real model
-    build) 0.09, Ray start 13.85, MLflow run start (new store) 8.67, Ray Train start 24.00, import DeepSpeed 2.27,
-    model build 0.11, calibration + DeepSpeed init (shm op load) 4.86, restore (worker's MLflow client) 1.10,
-    epochs 266.02, evaluation 200.59 (of which BatchNorm re-estimation 79.75), checkpoint 0.02, epoch log 0.59,
-    report 1.00, Ray Train end 2.67, driver MLflow 0.05, Ray shutdown 1.66.
-    wall 535.3 s, fixed cost 269.2 s (evaluation 200.6, the rest 68.6), wall / epochs 2.01.
-
-After: see the report of issue 11 item 2 (figures appended here by whoever reruns it).
+Before (71da517 with the profiling alone added; the full 10,000-image test set), `pcpp train` as above by hand:
+    pcpp start 3.80, import Ray Train 3.54, checks (with the driver's real model build) 0.09, Ray start 13.85,
+    MLflow run start (new store) 8.67, Ray Train start 24.00, import DeepSpeed 2.27, model build 0.11,
+    calibration + DeepSpeed init (shm op loaded) 4.86, restore 1.10, eval 200.59 (BatchNorm 79.75),
+    checkpoint 0.02, epoch log 0.59, report 1.00, Ray Train end 2.67, MLflow 0.05, Ray shutdown 1.66.
+    wall 535.3 s, epoch 266.0 s, fixed 269.2 s (eval 200.6, rest 68.6): wall / epoch 2.01.
+After (this script; the store made beforehand):
+    bench/startup.py --train /work/data/cifar10/train --test /work/data/cifar10/test
+    pcpp start 2.85, import Ray Train 1.83, checks (model on the meta device) 0.03, Ray start 11.36, MLflow run
+    start 2.73, Ray Train start 13.62, import DeepSpeed 2.53, model build 0.17, calibration + DeepSpeed init 2.77,
+    restore 1.01, eval 112.27 (BatchNorm 38.49), checkpoint 0.01, epoch log 0.13, report 1.69, Ray Train end
+    2.64, MLflow 0.09, Ray shutdown 1.60.
+    wall 347.8 s, epoch 190.0 s, fixed 157.8 s (eval 112.3, rest 45.5): wall / epoch 1.83.
+    ... data.eval_limit=2000 algorithm.bn_recalibration_batches=10 (a lighter evaluation):
+    eval 22.67 (BatchNorm 7.56), rest 40.3; wall 246.9 s, epoch 183.9 s: wall / epoch 1.34.
+The evaluation is compute (about 26,000 forward passes against the epoch's 10,000 forward and backward ones),
+not a fixed cost pcpp can drop; the rest is mostly Ray's and Ray Train's start-up (processes importing torch).
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mlflow import MlflowClient
+
+from stages.profile import EPOCHS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "pipelines" / "configs" / "resnet20_ft_bnnpp.yaml"
@@ -68,7 +79,11 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more `pcpp train` overrides")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pcpp-bench-startup-") as tmp:
-        cmd = command(args.train.resolve(), args.test.resolve(), args.images, Path(tmp) / "runs", args.overrides)
+        root = Path(tmp) / "runs"
+        root.mkdir()
+        # The MLflow store's tables, made once per run root (4-6 s here), are not what every run pays.
+        MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()
+        cmd = command(args.train.resolve(), args.test.resolve(), args.images, root, args.overrides)
         print(" ".join(cmd), flush=True)
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True)
@@ -79,7 +94,7 @@ def main() -> int:
         print(f"pcpp train exited {done.returncode}", file=sys.stderr)
         return 1
     print("\n".join(rows))
-    epochs = float(next(line.split()[-1] for line in rows if line.startswith("epochs (training steps)")))
+    epochs = float(next(line[len(EPOCHS):].split()[0] for line in rows if line.startswith(EPOCHS)))
     print(f"wall measured outside: {wall:.2f} s; wall / epochs {wall / max(epochs, 1e-9):.2f}")
     return 0
 
