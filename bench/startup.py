@@ -16,7 +16,9 @@ but Ray's start and shutdown again.
 Measured on the 2-core development machine while other jobs held both cores (load average 6-15), so seconds
 are loose and only the ratios within one run compare (issue 11's run on a quieter machine: 63 s wall, 28 s
 epoch). Phases in seconds; "eval" is the forward and honest passes over the test set plus the BatchNorm
-re-estimation (50 training batches by default), "rest" everything else but the epoch's steps.
+re-estimation (50 training batches by default), "rest" everything else but the epoch's steps. The config was
+the one before b4932e1 (Adam lr 1e-3, no distillation); since then it distils from the teacher, which adds a
+teacher forward to every step and a teacher build to the worker's setup.
 
 Before (71da517 with the profiling alone added; the full 10,000-image test set), `pcpp train` as above by hand:
     pcpp start 3.80, import Ray Train 3.54, checks (with the driver's real model build) 0.09, Ray start 13.85,
