@@ -172,12 +172,16 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> int:
     from cluster.local import tracking_uri
-    from pipelines.report import write_report
+    from pipelines.report import make_report
 
     uri = tracking_uri(args.root, args.tracking_uri)
-    md, csv = write_report(uri, Path(args.out), args.experiment)
-    print(Path(md).read_text())
-    print(f"wrote {md} and {csv}")
+    figure = False if args.no_figure else (args.figure or True)
+    files = make_report(uri, Path(args.out), args.experiment, figure=figure, log=not args.no_log,
+                        log_run_id=args.log_run, transpose=args.paper_layout)
+    print(files.markdown.read_text())
+    print(f"wrote {', '.join(str(p) for p in files.paths)}")
+    if files.run_id:
+        print(f"logged to MLflow run {files.run_id} (artifacts report/) in {uri}")
     return 0
 
 
@@ -238,7 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="runs", help="run root holding mlflow.db (default runs)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ROOT/mlflow.db)")
     p.add_argument("--experiment", default="pcpp")
-    p.add_argument("--out", default="runs/report", help="directory for report.md and report.csv")
+    p.add_argument("--out", default="runs/report",
+                   help="directory for EXPERIMENT-binary_acc.md (both tables), .csv, -honesty.csv and .png")
+    p.add_argument("--figure", type=Path, help="write the heatmap PNG here instead (default: in --out)")
+    p.add_argument("--no-figure", action="store_true", help="write no figure")
+    p.add_argument("--paper-layout", action="store_true", help="tasks down, variants across (the paper's Table 2)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    p.add_argument("--log-run", metavar="RUN_ID",
+                   help="MLflow run to log the report to (default: the runs' shared parent run, else a run "
+                        "named report tagged pcpp.report)")
     p.set_defaults(func=cmd_report)
     return parser
 

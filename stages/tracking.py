@@ -63,8 +63,11 @@ class Run:
         self.set_tags(kernel_tags())
 
     def log_params(self, params: Mapping) -> None:
-        for k, v in params.items():
-            self.client.log_param(self.run_id, k[:MAX_PARAM_KEY], str(v)[:MAX_PARAM_VALUE])
+        from mlflow.entities import Param
+
+        items = [Param(k[:MAX_PARAM_KEY], str(v)[:MAX_PARAM_VALUE]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # one commit per 100 params (log_batch's limit), not one each
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_files(self, files: Iterable[str | Path], artifact_path: str | None = None) -> None:
         for f in files:
