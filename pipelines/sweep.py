@@ -1,4 +1,4 @@
-"""`pcpp sweep`: Ray Tune with ASHA over the mu / rho schedules and the learning rate.
+"""`pcpp sweep`: Ray Tune with ASHA over any values of the base pipeline's config (pipelines.sweep_space).
 
 The Tune-calls-Train pattern: each trial runs the one training engine (a TorchTrainer with DeepSpeed
 workers) and forwards its per-epoch reports to Tune (TuneReportCallback), so ASHA can stop weak trials
@@ -8,47 +8,37 @@ pipeline YAML that `pcpp run` accepts. Failures are handled inside a trial, by t
 pipeline's `distributed.max_failures` / `storage_path` / `checkpoints_to_keep` apply to every trial's
 TorchTrainer, so a trial whose worker dies is restarted by Ray Train from its last reported epoch (its
 checkpoints under the trial's run directory, or `storage_path`) and Tune sees each epoch once.
+
+The search space is Tune's own (pipelines.sweep_space): `searcher: random` samples it with Tune's
+BasicVariantGenerator (grid_search included), `searcher: optuna` with Optuna's TPE through Tune's
+OptunaSearch; both seeded by `seed`, so the sampled configs are reproducible.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import json
 import math
 import os
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from cluster.local import check_resources, ensure_ray
 from pipelines.config import PipelineConfig, load_pipeline
 from pipelines.runner import run as run_pipeline
+from pipelines.sweep_space import SEARCHERS, Space, apply_values, parse_search, search_alg, trial_values
 from stages import tracking
 from stages.config import PATH, ConfigError, absolute, apply_overrides, build, read_yaml
 from stages.engine import EPOCH_METRICS
 from stages.storage import FAULT_ENV, restarts
 from stages.tracking import one_line
 
-SEARCHABLE = ("mu0", "muT", "rho0", "rhoT", "lr")
 TRIAL_CPU = 0.1  # the Tune trial itself only drives its Train workers, which hold the CPUs
-
-
-@dataclass
-class Range:
-    low: float
-    high: float
-    log: bool = False
-
-    def __post_init__(self):
-        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
-            raise ValueError(f"a search range needs finite low < high, got low={self.low}, high={self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log range needs low > 0, got {self.low}")
 
 
 @dataclass
@@ -61,22 +51,27 @@ class SchedulerConfig:
 class SweepConfig:
     pipeline: str = field(default="", metadata=PATH)  # the base pipeline YAML
     overrides: list[str] = field(default_factory=list)
-    search: dict[str, Range] = field(default_factory=dict)  # names: mu0, muT, rho0, rhoT, lr
+    search: dict[str, Any] = field(default_factory=dict)  # dotted path -> space (pipelines.sweep_space)
+    searcher: str = "random"  # random (Tune's BasicVariantGenerator, grid included) | optuna (TPE)
     num_samples: int = 4
     max_concurrent_trials: int = 2
     epochs: int = 2  # ASHA's max_t: the epochs of a trial that is never stopped
     metric: str = "binary_acc"  # one of the per-epoch metrics the trials report (stages.engine.EPOCH_METRICS)
     mode: str = "max"
-    seed: int = 0
+    seed: int = 0  # seeds the searcher: the same sweep samples the same configs
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     out: str = field(default="", metadata=PATH)  # the best pipeline YAML (default: <root>/sweeps/<name>-best.yaml)
 
     def __post_init__(self):
         if not isinstance(self.overrides, list):
             raise ValueError(f"overrides must be a list of key=value strings, got {self.overrides!r}")
-        unknown = sorted(set(self.search) - set(SEARCHABLE))
-        if unknown:
-            raise ValueError(f"unknown search parameters {unknown}; valid: {', '.join(SEARCHABLE)}")
+        if self.searcher not in SEARCHERS:
+            close = difflib.get_close_matches(self.searcher, SEARCHERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown searcher {self.searcher!r}{hint}; valid: {', '.join(SEARCHERS)}")
+        if not self.search:
+            raise ValueError("search is empty: give at least one path with a space, e.g. "
+                             "search: {train.optim.lr: {loguniform: [1e-4, 1e-2]}}")
         if self.metric not in EPOCH_METRICS:
             close = difflib.get_close_matches(self.metric, EPOCH_METRICS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -90,18 +85,6 @@ class SweepConfig:
             raise ValueError("scheduler.grace_period must be >= 1 and scheduler.reduction_factor >= 2")
 
 
-def applicable(base: PipelineConfig) -> list[str]:
-    """The search parameters that change something in this base pipeline."""
-    from pcpp.quantizers import get
-
-    weight = base.binarize.weight
-    params = get(weight if isinstance(weight, str) else weight["name"]).param_schedules
-    out = ["mu0", "muT"] if "mu" in params else []
-    if "rho" in params or base.train.algorithm.rule in ("pq", "rpc"):
-        out += ["rho0", "rhoT"]
-    return out + ["lr"]
-
-
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, PipelineConfig]:
     """Read and check a sweep YAML and its base pipeline: every problem is reported before anything runs."""
     data = apply_overrides(read_yaml(path), overrides or [])
@@ -112,37 +95,21 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     if not sweep.pipeline:
         raise ValueError(f"{path}: 'pipeline' (the base pipeline YAML) is required")
     base = load_pipeline(sweep.pipeline, list(sweep.overrides))
-    useless = [k for k in sweep.search if k not in applicable(base)]
-    if useless:
-        weight = base.binarize.weight
-        pair = weight if isinstance(weight, str) else weight["name"]
-        raise ValueError(f"{path}: search {useless} change nothing in {sweep.pipeline} (weight pair "
-                         f"{pair!r}, rule {base.train.algorithm.rule!r}); "
-                         f"searchable there: {', '.join(applicable(base))}")
+    try:
+        spaces(sweep, base)
+    except ConfigError as e:
+        raise ConfigError([f"{path}: {x}" for x in e.errors]) from None
     return sweep, base
 
 
-def apply_trial(base: dict, values: dict) -> dict:
-    """The base pipeline dict with a trial's mu / rho / lr applied where the pair or rule has them."""
-    d = copy.deepcopy(base)
-    weight = d["binarize"]["weight"]
-    weight = {"name": weight} if isinstance(weight, str) else dict(weight)
-    from pcpp.quantizers import get
+def spaces(cfg: SweepConfig, base: PipelineConfig) -> dict[str, Space]:
+    """The sweep's search spaces by dotted path, checked against the base pipeline (ConfigError)."""
+    return parse_search(cfg.search, base, cfg.searcher)
 
-    params = get(weight["name"]).param_schedules
-    if "mu" in params and ("mu0" in values or "muT" in values):
-        cur = params["mu"]
-        weight["mu"] = {"kind": "linear", "start": values.get("mu0", cur.start), "end": values.get("muT", cur.end)}
-    rho = {"kind": "linear", "start": values.get("rho0", 0.01), "end": values.get("rhoT", 10.0)}
-    if "rho" in params and ("rho0" in values or "rhoT" in values):
-        weight["rho"] = rho
-    algorithm = d["train"]["algorithm"]
-    if algorithm["rule"] in ("pq", "rpc") and ("rho0" in values or "rhoT" in values):
-        algorithm["params"] = {**algorithm.get("params", {}), "rho": rho}
-    d["binarize"]["weight"] = weight
-    if "lr" in values:
-        d["train"]["optim"]["lr"] = values["lr"]
-    return d
+
+def apply_trial(base: dict, values: dict) -> dict:
+    """The base pipeline dict with a trial's values (dotted paths) applied (pipelines.sweep_space)."""
+    return apply_values(base, values)
 
 
 def _trial(config: dict, *, setup: dict) -> None:
@@ -158,7 +125,8 @@ def _trial(config: dict, *, setup: dict) -> None:
     from stages.engine import fit
     from stages.train import bind
 
-    values, sample = config["trial"]["values"], config["trial"]["sample"]
+    values = trial_values(config)
+    trial_id = ray.tune.get_context().get_trial_id()
     if setup.get("fault"):  # the driver's test hook (stages.storage), for the engine inside this trial
         os.environ[FAULT_ENV] = setup["fault"]
     pc = build(PipelineConfig, apply_trial(setup["base"], values))
@@ -167,11 +135,10 @@ def _trial(config: dict, *, setup: dict) -> None:
                        experiment=pc.tracking.experiment, pipeline_name=pc.name, parent_run_id=setup["parent_run_id"])
     cfg = bind(pc.stage_config("train"), inputs, ctx, "trial")  # the train stage's config, trained for ASHA's max_t
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=setup["epochs"]))
-    trial_id = ray.tune.get_context().get_trial_id()
     run_dir = Path(setup["root"]) / "sweeps" / setup["sweep_name"] / trial_id
-    result = fit(cfg, run_dir=run_dir, parent_run_id=setup["parent_run_id"], run_name=f"trial {sample}",
+    result = fit(cfg, run_dir=run_dir, parent_run_id=setup["parent_run_id"], run_name=f"trial {trial_id}",
                  callbacks=[TuneReportCallback()], close_run=False,
-                 run_tags={"pcpp.trial": trial_id, "pcpp.sample": str(sample),
+                 run_tags={"pcpp.trial": trial_id,
                            **{f"pcpp.search.{k}": str(v) for k, v in values.items()}})
     if not result.ok:
         raise RuntimeError(result.message)
@@ -244,12 +211,12 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     from ray.tune.schedulers import ASHAScheduler
 
     root = base.root_path
-    for k, r in cfg.search.items():
-        client.log_param(parent, f"search.{k}", f"{'log' if r.log else 'uniform'}[{r.low}, {r.high}]")
-    # Sampled here from a seeded generator, then given to Tune as a grid: a sweep is reproducible.
-    rng = random.Random(cfg.seed)
-    samples = [{k: math.exp(rng.uniform(math.log(r.low), math.log(r.high))) if r.log else rng.uniform(r.low, r.high)
-                for k, r in cfg.search.items()} for _ in range(cfg.num_samples)]
+    space = spaces(cfg, base)
+    for k, s in space.items():
+        client.log_param(parent, f"search.{k}", s.describe()[:6000])
+    client.log_params(parent, {"searcher": cfg.searcher, "search_seed": cfg.seed})
+    # Tune's own searchers, seeded: the same sweep YAML samples the same configs.
+    param_space, alg = search_alg(space, cfg.searcher, cfg.seed, cfg.metric, cfg.mode, cfg.max_concurrent_trials)
     setup = {"base": base.to_dict(), "epochs": cfg.epochs, "root": str(root), "tracking_uri": uri,
              "inputs": dict(prefix.artifacts), "parent_run_id": parent,
              "sweep_name": name, "fault": os.environ.get(FAULT_ENV)}
@@ -257,11 +224,11 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     # as the driver verified them: no trial hashes the shards again (150 MB for CIFAR-10, per trial).
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": TRIAL_CPU})
     tuner = tune.Tuner(
-        trainable,  # the search space is the samples alone; what every trial shares goes in `setup`
-        param_space={"trial": tune.grid_search([{"sample": i, "values": v} for i, v in enumerate(samples)])},
+        trainable,  # the search space is the sampled values alone; what every trial shares goes in `setup`
+        param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=cfg.metric, mode=cfg.mode, num_samples=1,
-            max_concurrent_trials=cfg.max_concurrent_trials,
+            metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, trial_dirname_creator=_trial_dirname,
+            search_alg=alg,  # it holds max_concurrent_trials (Tune ignores the TuneConfig's for a generator)
             scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.scheduler.grace_period,
                                     reduction_factor=cfg.scheduler.reduction_factor),
         ),
@@ -276,7 +243,7 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     finished = [t for t in ok if t["status"] == "finished"]  # compared at the same epoch when there are any
     best = (max if cfg.mode == "max" else min)(finished or ok, key=lambda t: t["metric"])
     best_values = best["values"]
-    best_dict = apply_trial(base.to_dict(), best_values)
+    best_dict = apply_values(base.to_dict(), best_values)
     best_dict["name"] = f"{base.name}-best"
     out = Path(cfg.out) if cfg.out else root / "sweeps" / f"{name}-best.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +255,17 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     return SweepResult(best_values, best["metric"], out, trials, parent)
 
 
+def _trial_dirname(trial) -> str:
+    """`<n>_<trial id>`: n, Tune's creation counter of the trial, orders the trials (their `sample`)."""
+    return f"{int(trial.experiment_tag.split('_')[0]):05d}_{trial.trial_id}"
+
+
+def _in_order(grid) -> list[tuple[str, object]]:
+    """(trial id, result) in the order Tune created the trials (their directory names, _trial_dirname)."""
+    named = [(Path(r.path).name.split("_", 1), r) for r in grid]
+    return [(trial_id, r) for (_, trial_id), r in sorted(named, key=lambda x: int(x[0][0]))]
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -295,7 +273,7 @@ def _finite(x) -> bool:
 def _trial_runs(client, parent: str) -> dict[int, object]:
     exp_id = client.get_run(parent).info.experiment_id
     runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)
-    return {int(r.data.tags["pcpp.sample"]): r for r in runs if "pcpp.sample" in r.data.tags}
+    return {r.data.tags["pcpp.trial"]: r for r in runs if "pcpp.trial" in r.data.tags}
 
 
 def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Path) -> list[dict]:
@@ -308,11 +286,10 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Pa
     """
     runs = _trial_runs(client, parent)
     trials = []
-    for r in grid:
-        sample = r.config["trial"]["sample"]
+    for sample, (trial_id, r) in enumerate(_in_order(grid)):
         metrics = r.metrics or {}
-        run = runs.get(sample)
-        result_file = sweep_dir / run.data.tags.get("pcpp.trial", "?") / "result.json" if run else None
+        run = runs.get(trial_id)
+        result_file = sweep_dir / trial_id / "result.json" if run else None
         outcome = json.loads(result_file.read_text()) if result_file and result_file.exists() else {}
         epochs = int(outcome.get("epochs_done", metrics.get("epoch", 0)) or 0)
         error = one_line(r.error) if r.error else None
@@ -322,15 +299,16 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Pa
             status = "failed"
         else:
             status = "finished" if epochs >= cfg.epochs else "stopped"
-        trials.append({"sample": sample, "values": r.config["trial"]["values"], "epochs": epochs,
+        trials.append({"sample": sample, "trial_id": trial_id, "values": trial_values(r.config), "epochs": epochs,
                        "max_epochs": cfg.epochs, "metric": metrics.get(cfg.metric), "status": status, "error": error})
         if run is None:  # the trial failed before its run existed
             continue
         client.set_tag(run.info.run_id, "pcpp.status", status)
+        client.set_tag(run.info.run_id, "pcpp.sample", str(sample))
         client.set_tag(run.info.run_id, "pcpp.epochs_done", str(epochs))
         client.set_tag(run.info.run_id, "pcpp.stopped_early", str(status == "stopped").lower())
         # Ray Train's restarts of the trial's workers (the trial may be ended by Tune before its engine tags it)
-        trial_dir = sweep_dir / run.data.tags.get("pcpp.trial", "?")
+        trial_dir = sweep_dir / trial_id
         client.set_tag(run.info.run_id, "pcpp.restarts", str(restarts(trial_dir)))
         if error:
             client.set_tag(run.info.run_id, "pcpp.message", error[:5000])
@@ -357,11 +335,15 @@ def format_trials(result: SweepResult, metric: str) -> str:
     for i, t in enumerate(result.trials):
         m = t["metric"]
         lines.append(f"{i:<6} {t['epochs']:>6} {m if m is None else f'{m:.4f}':>12}  "
-                     + ", ".join(f"{k}={v:.4g}" for k, v in t["values"].items())
+                     + ", ".join(f"{k}={_shown(v)}" for k, v in t["values"].items())
                      + f"  {t['status']}" + (f": {t['error'][:100]}" if t["error"] else ""))
     lines.append(f"{result.stopped_early} of {len(result.trials)} trials stopped early by ASHA")
     lines.append(f"best: {json.dumps(result.best_values)} -> {result.best_yaml}")
     return "\n".join(lines)
 
 
-__all__ = ["Range", "SweepConfig", "SweepFailed", "apply_trial", "applicable", "format_trials", "load_sweep", "sweep"]
+def _shown(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+__all__ = ["SweepConfig", "SweepFailed", "apply_trial", "format_trials", "load_sweep", "spaces", "sweep"]
