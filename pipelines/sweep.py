@@ -149,7 +149,7 @@ class SweepResult:
     best_values: dict
     best_metric: float
     best_yaml: Path
-    trials: list[dict]
+    trials: list[dict]  # also written beside best_yaml as <name>-trials.yaml
     parent_run_id: str
 
     @property
@@ -251,6 +251,11 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
               f"{json.dumps(best_values)}\n# Run it with: pcpp run {out}\n")
     out.write_text(header + yaml.safe_dump(best_dict, sort_keys=False))
     client.log_artifact(parent, str(out))
+    summary = out.with_name(out.name.removesuffix("-best.yaml").removesuffix(".yaml") + "-trials.yaml")
+    summary.write_text(f"# Trials of sweep {name} ({cfg.searcher}, seed {cfg.seed}), in Tune's order\n"
+                       + yaml.safe_dump({"metric": cfg.metric, "mode": cfg.mode, "best": best_values,
+                                         "trials": trials}, sort_keys=False))
+    client.log_artifact(parent, str(summary))
     client.log_metric(parent, f"best_{cfg.metric}", float(best["metric"]))
     return SweepResult(best_values, best["metric"], out, trials, parent)
 
@@ -300,7 +305,8 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Pa
         else:
             status = "finished" if epochs >= cfg.epochs else "stopped"
         trials.append({"sample": sample, "trial_id": trial_id, "values": trial_values(r.config), "epochs": epochs,
-                       "max_epochs": cfg.epochs, "metric": metrics.get(cfg.metric), "status": status, "error": error})
+                       "max_epochs": cfg.epochs, "metric": metrics.get(cfg.metric),
+                       "forward_binary_gap": metrics.get("forward_binary_gap"), "status": status, "error": error})
         if run is None:  # the trial failed before its run existed
             continue
         client.set_tag(run.info.run_id, "pcpp.status", status)
@@ -331,10 +337,11 @@ def _close_leftovers(client, parent: str, status: str, message: str) -> None:
 
 
 def format_trials(result: SweepResult, metric: str) -> str:
-    lines = [f"{'trial':<6} {'epochs':>6} {metric:>12}  values"]
+    lines = [f"{'trial':<6} {'epochs':>6} {metric:>12} {'fwd-bin gap':>12}  values"]
     for i, t in enumerate(result.trials):
-        m = t["metric"]
-        lines.append(f"{i:<6} {t['epochs']:>6} {m if m is None else f'{m:.4f}':>12}  "
+        m, gap = t["metric"], t.get("forward_binary_gap")
+        lines.append(f"{i:<6} {t['epochs']:>6} {m if m is None else f'{m:.4f}':>12} "
+                     f"{gap if gap is None else f'{gap:.4f}':>12}  "
                      + ", ".join(f"{k}={_shown(v)}" for k, v in t["values"].items())
                      + f"  {t['status']}" + (f": {t['error'][:100]}" if t["error"] else ""))
     lines.append(f"{result.stopped_early} of {len(result.trials)} trials stopped early by ASHA")

@@ -212,8 +212,8 @@ def apply_values(base: dict, values: dict) -> dict:
 
 
 def trial_values(config: dict) -> dict:
-    """A trial's sampled values by path (the cases' own draws left out)."""
-    return {k: v for k, v in config.items() if HIDDEN not in k}
+    """A trial's sampled values by path (the cases' own draws left out), numpy scalars made Python's."""
+    return {k: v.item() if type(v).__module__ == "numpy" else v for k, v in config.items() if HIDDEN not in k}
 
 
 # -- parsing and checking ------------------------------------------------------------------------------------

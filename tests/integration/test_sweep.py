@@ -1,4 +1,5 @@
-"""`pcpp sweep`: Ray Tune + ASHA over the schedules and lr, nested MLflow runs, a best-config YAML."""
+"""`pcpp sweep`: Ray Tune + ASHA over dotted config paths (grid, choice, a conditional), nested MLflow runs,
+a best-config YAML and a trials summary."""
 
 from __future__ import annotations
 
@@ -31,24 +32,29 @@ def test_sweep_asha_stops_trials_nests_runs_and_writes_a_runnable_best_config(ti
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(tiny_pipeline(tiny_shards, tmp_path / "root")))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
         "pipeline": str(tmp_path / "pipeline.yaml"),
-        # Narrow mu ranges and a wide lr range: lr decides the first epoch's loss. Seed 82 draws lr 5.3e-6 for
-        # trial 0 and 0.07 for trial 1 (then 2.5e-3, 1.5e-4). Adam at 0.07 throws the binarized teacher far off
-        # in its first epoch (a mean loss several times that of 5e-6, which barely moves it; measured: 3.2e-3
-        # already doubles it), so ASHA stops trial 1 at rung 1 whatever the noise.
-        "search": {"mu0": {"low": 4, "high": 5}, "muT": {"low": 20, "high": 25},
-                   "lr": {"low": 1e-6, "high": 0.1, "log": True}},
-        # One trial at a time: ASHA compares each trial with those before it, in the grid's order, so which
+        # Narrow mu ranges and a grid over lr: lr decides the first epoch's loss. The grid gives lr 5.3e-6 to
+        # trials 0 and 2 and 0.07 to trials 1 and 3 (num_samples 2 x the grid, in the grid's order). Adam at
+        # 0.07 throws the binarized teacher far off in its first epoch (a mean loss several times that of
+        # 5e-6, which barely moves it; measured: 3.2e-3 already doubles it), so ASHA stops trial 1 at rung 1
+        # whatever the noise. mu.start depends on mu.kind (one case: the conditional path end to end).
+        "search": {"binarize.weight.mu.kind": {"choice": ["loglinear"]},
+                   "binarize.weight.mu.start": {"depends_on": "binarize.weight.mu.kind",
+                                                "cases": {"loglinear": {"uniform": [4, 5]}}},
+                   "binarize.weight.mu.end": {"uniform": [20, 25]},
+                   "train.optim.lr": {"grid": [5.3e-6, 0.07]}},
+        # One trial at a time: ASHA compares each trial with those before it, in Tune's order, so which
         # trials it stops does not depend on which of two concurrent trials reports first.
-        "num_samples": 4, "max_concurrent_trials": 1, "epochs": 2, "metric": "loss", "mode": "min",
-        "scheduler": {"grace_period": 1, "reduction_factor": 2}, "seed": 82,
+        "num_samples": 2, "max_concurrent_trials": 1, "epochs": 2, "metric": "loss", "mode": "min",
+        "scheduler": {"grace_period": 1, "reduction_factor": 2}, "searcher": "random", "seed": 82,
     }))
     cfg, base = load_sweep(tmp_path / "sweep.yaml")
     result = sweep(cfg, base)
     print(result.trials)
     assert [t["sample"] for t in result.trials] == [0, 1, 2, 3]
     assert all(t["error"] is None for t in result.trials), result.trials
-    assert result.trials[0]["values"]["lr"] == pytest.approx(5.3e-6, rel=0.05)
-    assert result.trials[1]["values"]["lr"] == pytest.approx(0.07, rel=0.05)
+    assert [t["values"]["train.optim.lr"] for t in result.trials] == [5.3e-6, 0.07, 5.3e-6, 0.07]
+    assert all(4 <= t["values"]["binarize.weight.mu.start"] <= 5 for t in result.trials), result.trials
+    assert all(t["values"]["binarize.weight.mu.kind"] == "loglinear" for t in result.trials)
     assert result.trials[1]["status"] == "stopped", result.trials  # lr 0.07 loses to lr 5e-6 at rung 1
     assert result.stopped_early >= 1, result.trials
     assert result.trials[0]["status"] == "finished"  # the first trial has nobody to be compared with
@@ -69,10 +75,19 @@ def test_sweep_asha_stops_trials_nests_runs_and_writes_a_runnable_best_config(ti
         assert run.data.tags["pcpp.stopped_early"] == str(stopped).lower()
         assert run.data.tags["pcpp.epochs_done"] == str(t["epochs"])
         assert "pcpp.message" not in run.data.tags
+        # the sampled values are the trial's config, so its MLflow params (and pcpp.search.* tags)
+        assert float(run.data.params["binarize.weight.mu.start"]) == pytest.approx(
+            t["values"]["binarize.weight.mu.start"])
+        assert float(run.data.params["optim.lr"]) == pytest.approx(t["values"]["train.optim.lr"])
+        assert run.data.tags["pcpp.search.binarize.weight.mu.kind"] == "loglinear"
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
 
-    best = load_pipeline(result.best_yaml)  # `pcpp run` accepts it
-    assert best.binarize.weight["mu"]["start"] == pytest.approx(result.best_values["mu0"])
-    assert best.train.optim.lr == pytest.approx(result.best_values["lr"])
+    best = load_pipeline(result.best_yaml)  # `pcpp run` accepts it: the spec in its mapping form
+    mu = best.binarize.weight["mu"]
+    assert (mu["kind"], mu["start"], mu["end"]) == ("loglinear", pytest.approx(
+        result.best_values["binarize.weight.mu.start"]), pytest.approx(result.best_values["binarize.weight.mu.end"]))
+    assert best.train.optim.lr == pytest.approx(result.best_values["train.optim.lr"])
+    summary = yaml.safe_load(result.best_yaml.with_name(result.best_yaml.name.replace("-best", "-trials")).read_text())
+    assert summary["best"] == result.best_values and len(summary["trials"]) == 4
     assert result.best_values == next(t["values"] for t in result.trials if t["metric"] == result.best_metric)
