@@ -113,3 +113,13 @@ def test_every_shipped_sweep_yaml_loads(monkeypatch):
         cfg, base = load_sweep(path)
         assert spaces(cfg, base), path
         assert path.read_text().startswith("#") and "pcpp sweep" in path.read_text().split("\n\n")[0], path
+
+
+def test_the_readme_example_loads(tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Sweeps and reports"):text.index("## Security")]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "s.yaml").write_text(example)
+    monkeypatch.chdir(REPO)
+    cfg, base = load_sweep(tmp_path / "s.yaml")
+    assert cfg.searcher == "optuna" and spaces(cfg, base)["binarize.weight.mu.start"].depends_on
