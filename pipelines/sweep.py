@@ -214,7 +214,8 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     space = spaces(cfg, base)
     for k, s in space.items():
         client.log_param(parent, f"search.{k}", s.describe()[:6000])
-    client.log_params(parent, {"searcher": cfg.searcher, "search_seed": cfg.seed})
+    client.log_param(parent, "searcher", cfg.searcher)
+    client.log_param(parent, "search_seed", cfg.seed)
     # Tune's own searchers, seeded: the same sweep YAML samples the same configs.
     param_space, alg = search_alg(space, cfg.searcher, cfg.seed, cfg.metric, cfg.mode, cfg.max_concurrent_trials)
     setup = {"base": base.to_dict(), "epochs": cfg.epochs, "root": str(root), "tracking_uri": uri,
