@@ -254,7 +254,7 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     client.log_artifact(parent, str(out))
     summary = out.with_name(out.name.removesuffix("-best.yaml").removesuffix(".yaml") + "-trials.yaml")
     summary.write_text(f"# Trials of sweep {name} ({cfg.searcher}, seed {cfg.seed}), in Tune's order\n"
-                       + yaml.safe_dump({"metric": cfg.metric, "mode": cfg.mode, "best": best_values,
+                       + yaml.safe_dump({"metric": cfg.metric, "mode": cfg.mode, "best": dict(best_values),
                                          "trials": trials}, sort_keys=False))
     client.log_artifact(parent, str(summary))
     client.log_metric(parent, f"best_{cfg.metric}", float(best["metric"]))
