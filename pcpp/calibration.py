@@ -167,11 +167,17 @@ class BalanceReport:
 
     def error(self) -> str:
         bad = ", ".join(f"{r.name} ({r.below:.1%} below)" for r in self.refused)
+        if all(r.threshold == "learned" for r in self.refused):  # threshold placement: beta not where the data is
+            fix = ("their thresholds sit outside the inputs: calibrate them (pcpp train and binarize_(..., "
+                   "calibration=batches) do, at the per-channel median; pcpp.calibration.calibrate_thresholds_), "
+                   "or set binarize.activation_placement to 'pre_relu' / 'hardtanh' for a CNN that defines them "
+                   "(resnet20)")
+        else:
+            fix = ("set binarize.activation_placement to 'auto' or 'threshold' (calibrated thresholds), or to "
+                   "'pre_relu' / 'hardtanh' for a CNN that defines them (resnet20)")
         return (f"{len(self.refused)} of {len(self.rows)} binarized activations put >= {self.limit:.0%} of their "
                 f"inputs on one side of the threshold, so their honest sign is (almost) constant and carries no "
-                f"information: {bad}. Set binarize.activation_placement to 'threshold' and calibrate the "
-                "thresholds (pcpp.calibration.calibrate_thresholds_ with a few training batches), or to "
-                "'pre_relu' / 'hardtanh' for a CNN that defines them (resnet20)")
+                f"information: {bad}. To fix: {fix}; binarize.activation_guard=warn runs anyway")
 
 
 @torch.no_grad()

@@ -90,18 +90,18 @@ def build_teacher(cfg: TrainConfig) -> torch.nn.Module:
 def prepare_activations(model, cfg: TrainConfig, loader) -> BalanceReport | None:
     """BWA / BWAA, before training: calibrate the activation thresholds, then run the balance guard.
 
-    Thresholds are calibrated at the per-channel median (pcpp.calibration) when fine-tuning from the teacher
-    (no binarized init): an E2E run keeps beta = 0, a pre-trained student keeps its own, a resumed run gets
-    its trained ones back from the checkpoint afterwards. The guard checks the first batch and refuses
-    (activation_guard: error, ValueError naming the layers) or reports (warn) a layer whose inputs fall
-    >= 99% on one side. The loader is seeded per epoch (set_epoch), so reading a few batches here does not
-    change the training order. Returns None for BW and full precision.
+    Thresholds are calibrated at the per-channel median (pcpp.calibration) of the starting network, the
+    teacher's (FT) or the random init's (E2E: beta = 0 after a ReLU is one-sided, refused by the guard); a
+    pre-trained student keeps its own, a resumed run gets its trained ones back from the checkpoint after.
+    The guard checks the first batch and refuses (activation_guard: error, ValueError naming the layers)
+    or reports (warn) a layer whose inputs fall >= 99% on one side. The loader is seeded per epoch
+    (set_epoch), so reading a few batches here does not change the training order. None for BW and FP.
     """
     spec = cfg.binarize
     if spec is None or spec.activation is None:
         return None
     batches = list(islice(iter(loader), CALIBRATION_BATCHES))
-    calibrate = from_teacher(cfg) and not student_checkpoint(cfg)
+    calibrate = not student_checkpoint(cfg)
     return prepare_activations_(model, batches, calibrate=calibrate, strict=spec.activation_guard == "error")
 
 

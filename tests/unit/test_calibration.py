@@ -114,13 +114,24 @@ def test_guard_refuses_a_post_relu_layer_without_threshold_by_name():
     with pytest.raises(ValueError) as err:
         check_activation_balance(model, x)
     msg = str(err.value)
-    for words in ("1 (0.0% below)", "activation_placement", "'threshold'", "calibrate_thresholds_"):
+    for words in ("1 (0.0% below)", "activation_placement", "'threshold'", "activation_guard=warn"):
         assert words in msg
     report = check_activation_balance(model, x, strict=False)
     assert report.rows[0].below == 0.0 and report.rows[0].one_sided_channels == 1.0
     assert [r.name for r in report.refused] == ["1"] and "refused" in str(report)
     with pytest.raises(ValueError, match="limit"):
         check_activation_balance(model, x, limit=0.4)
+
+
+def test_guard_on_uncalibrated_thresholds_says_to_calibrate_not_to_set_the_placement_already_set():
+    model = relu_then(BinaryConv2d(3, 4, 3, act_quantizer="bnn++", activation_placement="threshold"))
+    x = torch.randn(4, 3, 6, 6)
+    with pytest.raises(ValueError) as err:  # beta = 0 after a ReLU: sign(x - 0) = +1 everywhere
+        check_activation_balance(model, x)
+    msg = str(err.value)
+    assert "calibrate them" in msg and "calibration=batches" in msg and "'auto' or 'threshold'" not in msg
+    calibrate_thresholds_(model, [x])
+    assert check_activation_balance(model, x).refused == []
 
 
 def test_guard_on_a_bw_model_has_nothing_to_check():
