@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from jpeg_shards import random_jpeg_shards
 
 from stages.config import TrainConfig, build
 from stages.preflight import check_batches, check_inputs, check_resume, checkpoint_layout
@@ -19,18 +18,7 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """(train, test): 20 real JPEGs each, 4 classes, 4 shards of 5."""
-    from stages.data import prepare
-
-    root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in range(4):
-            d = root / "img" / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(5):
-                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-        prepare(root / "img" / split, root / split, shard_size=5, progress=False)
-    return root / "train", root / "test"
+    return random_jpeg_shards(tmp_path_factory.mktemp("shards"), per_class=5, shard_size=5)
 
 
 def config(shards, **data) -> TrainConfig:

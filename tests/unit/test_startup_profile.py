@@ -7,10 +7,9 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from jpeg_shards import random_jpeg_shards
 
 from pipelines.cli import build_parser, print_profile
 from stages import profile
@@ -86,18 +85,7 @@ def test_profile_startup_parses_and_prints_the_table(capsys):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """(train, test): 8 real JPEGs each, 4 classes, one shard."""
-    from stages.data import prepare
-
-    root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in range(4):
-            d = root / "img" / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-        prepare(root / "img" / split, root / split, shard_size=8, progress=False)
-    return root / "train", root / "test"
+    return random_jpeg_shards(tmp_path_factory.mktemp("shards"), per_class=2, shard_size=8)
 
 
 def ft_config(shards, **over) -> TrainConfig:
