@@ -158,10 +158,15 @@ class BalanceReport:
         return {r.name: r.below for r in self.rows}
 
     def __str__(self) -> str:
+        """The table: one row per binarized activation, in forward order, with a legend of its columns."""
         w = max([len(r.name) for r in self.rows] + [5])
-        lines = [f"{'layer':<{w}}  {'below':>7}  {'one-sided ch.':>13}  threshold", "-" * (w + 42)]
+        lines = [f"# below: share of the layer's inputs the honest forward sends to -1 (0.5 = balanced); "
+                 f"one-sided ch.: share of its input channels whose inputs all fall on one side; threshold: "
+                 f"'learned' (a calibrated beta) or the placement that signs the input; '<- one-sided': "
+                 f">= {self.limit:.0%} on one side, its sign carries no information",
+                 f"{'layer':<{w}}  {'below':>7}  {'one-sided ch.':>13}  threshold", "-" * (w + 42)]
         for r in self.rows:
-            flag = "  <- refused" if r.worst_side >= self.limit else ""
+            flag = "  <- one-sided" if r.worst_side >= self.limit else ""
             lines.append(f"{r.name:<{w}}  {r.below:>7.3f}  {r.one_sided_channels:>13.3f}  {r.threshold}{flag}")
         return "\n".join(lines)
 

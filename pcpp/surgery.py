@@ -15,6 +15,7 @@ input; it is recorded in every layer's binary_config and in the report.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
@@ -60,6 +61,13 @@ class BinarizeSpec:
         if self.activation_placement not in _placement.SPEC_PLACEMENTS:
             raise ValueError(f"unknown activation_placement {self.activation_placement!r}; "
                              f"valid: {', '.join(_placement.SPEC_PLACEMENTS)}")
+        if self.activation is None:  # BW: a setting of the binarized activations would be ignored silently
+            unused = [f"{k}={v!r}" for k, v, default in (
+                ("activation_placement", self.activation_placement, DEFAULT_PLACEMENT),
+                ("activation_guard", self.activation_guard, "error")) if v != default]
+            if unused:
+                raise ValueError(f"{' and '.join(unused)} set without binarized activations (activation is None, "
+                                 f"task BW): set activation to a pair (e.g. 'bnn++') for BWA / BWAA, or drop it")
         if self.scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {self.scaling!r}; valid: {', '.join(SCALINGS)}")
         if self.units not in UNITS:
@@ -318,4 +326,6 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
     report = SurgeryReport(rows, added, spec, layout, placement)
     if calibration is not None and spec.activation is not None:
         report.balance = prepare_activations_(model, calibration, strict=spec.activation_guard == "error")
+        if report.balance.refused:  # activation_guard="warn": go on, but say so
+            warnings.warn(report.balance.error(), RuntimeWarning, stacklevel=2)
     return report

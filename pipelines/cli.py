@@ -112,6 +112,21 @@ def cmd_train(args) -> int:
     return 0 if result.ok else 3
 
 
+def cmd_export(args) -> int:
+    from stages.export import export_run
+
+    res = export_run(args.run_dir, args.out, args.precision, args.eval_limit)
+    print(res["summary"])
+    if res["reloaded_acc"] is None:
+        print(f"no test shards in the run's config (data.test): {args.out} written, its round trip not checked",
+              file=sys.stderr)
+    else:
+        exact = "equal" if res["round_trip_error"] == 0 else f"within {res['round_trip_error']:.3g}"
+        print(f"wrote {args.out} and its manifest; reloaded logits {exact} the binarized-eval model's; "
+              f"reloaded accuracy {res['reloaded_acc']:.4f} on {res['images']} test images")
+    return 0
+
+
 def print_profile(timer) -> None:
     """Ray shut down (timed: it is part of every run's cost), then the table of where the time went."""
     import ray
@@ -224,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print everything Ray forwards from its workers (default: one line per stage, epoch, error)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", help="1-bit export of a `pcpp train` run's final network, round trip verified")
+    p.add_argument("run_dir", help="the run directory `pcpp train` printed (holds config.yaml and final/model.pt)")
+    p.add_argument("out", help="the .safetensors file to write (its manifest goes beside it, .json)")
+    p.add_argument("--precision", default="fp32", help="kept full-precision tensors: fp32 (default), fp16 or bf16")
+    p.add_argument("--eval-limit", type=int, default=None, help="score the reloaded file on the first N test images "
+                   "(default: all of the run's data.test)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("run", help="the whole pipeline (data, teacher, pretrain, train, sensitivity, export) on Ray")
     p.add_argument("config", help="pipeline YAML (pipelines/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.optim.epochs=3")
@@ -231,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print everything Ray forwards from its workers (default: one line per stage, epoch, error)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("sweep", help="Ray Tune + ASHA over mu0, muT, rho0, rhoT and lr; writes the best pipeline YAML")
+    p = sub.add_parser("sweep", help="Ray Tune + ASHA over any config values (dotted paths); writes the best "
+                       "pipeline YAML")
     p.add_argument("config", help="sweep YAML (pipelines/configs/sweep_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--verbose", action="store_true",

@@ -45,25 +45,22 @@ from stages.tracking import (
     start_training_run,
 )
 from stages.training import (  # noqa: F401  (the names this module has always offered)
-    CALIBRATION_BATCHES,
     EPOCH_METRICS,
     RESULT,
     TrainingRun,
-    activation_placement,
     build_model,
     build_teacher,
     deepspeed_config,
     epochs_done,
     lr_at,
     make_optimizer,
-    prepare_activations,
     schedule_values,
 )
 
 
 @dataclass
 class TrainResult:
-    status: str  # finished | diverged | failed (| stopped, set by a sweep for trials its scheduler stopped)
+    status: str  # finished | diverged | refused (activation guard) | failed (| stopped: a sweep's scheduler)
     message: str
     run_dir: str
     run_id: str | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,17 +48,7 @@ def run(cfg: ExportConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCon
 
     _, test_dir = shard_dirs(inputs["data"])
     x, _ = next(iter(eval_loader(test_dir, model_name, batch_size=ROUND_TRIP_BATCH)))
-    with binary_eval(model), torch.no_grad():
-        expected = model(x)
-    reloaded = pexport.load(out / "model.safetensors")
-    with torch.no_grad():
-        got = reloaded(x)
-    error = pexport.round_trip_error(got, expected)
-    bound = pexport.round_trip_tolerance(model, cfg.precision)
-    if bound is not None and not error <= bound:  # `not <=`: a NaN fails too
-        within = "equal them" if bound == 0 else f"lie within {bound:g} of them (relative to the largest logit)"
-        raise ValueError(f"export round trip failed ({cfg.precision}): reloaded logits differ by {error:.3g} "
-                         f"(largest difference / largest logit) from the binarized-eval model's; they must {within}")
+    reloaded, got, expected, error = round_trip(model, out / "model.safetensors", x, cfg.precision)
     metrics = {"file_bytes": summary.file_bytes, "ideal_bytes": summary.ideal_bytes, "fp32_bytes": summary.fp32_bytes,
                "ideal_bytes_kept_fp32": summary.ideal_bytes_kept_fp32, "ratio_to_fp32": summary.ratio,
                "binary_params": summary.binary_params, "fp_params": summary.fp_params,
@@ -69,3 +60,58 @@ def run(cfg: ExportConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCon
     log_to_run(ctx, metrics, files=[out / "model.safetensors", out / "model.json", out / "size_summary.txt"],
                params={"export.precision": cfg.precision, "export.eval_limit": cfg.eval_limit})
     return metrics
+
+
+def round_trip(model: torch.nn.Module, path: Path, x: torch.Tensor, precision: str):
+    """Reload the export at `path` and compare its logits on `x` with the binarized-eval model's.
+
+    Returns (reloaded model, its logits, the model's logits, the error of pcpp.export.round_trip_error).
+    Raises ValueError when they differ beyond pcpp.export.round_trip_tolerance (exactly equal at fp32)."""
+    with binary_eval(model), torch.no_grad():
+        expected = model(x)
+    reloaded = pexport.load(path)
+    with torch.no_grad():
+        got = reloaded(x)
+    error = pexport.round_trip_error(got, expected)
+    bound = pexport.round_trip_tolerance(model, precision)
+    if bound is not None and not error <= bound:  # `not <=`: a NaN fails too
+        within = "equal them" if bound == 0 else f"lie within {bound:g} of them (relative to the largest logit)"
+        raise ValueError(f"export round trip failed ({precision}): reloaded logits differ by {error:.3g} "
+                         f"(largest difference / largest logit) from the binarized-eval model's; they must {within}")
+    return reloaded, got, expected, error
+
+
+def export_run(run_dir: str | Path, out: str | Path, precision: str = "fp32", eval_limit: int | None = None) -> dict:
+    """`pcpp export RUN_DIR OUT`: the 1-bit export of a `pcpp train` run's final network (its final/model.pt,
+    rebuilt from its config.yaml), round trip verified on its test shards, scored there when they exist.
+
+    Writes OUT (.safetensors) and its manifest (.json). Returns {"summary": SizeSummary, "round_trip_error",
+    "reloaded_acc" (None without test shards), "images"}. Raises FileNotFoundError naming a missing file,
+    ValueError for a failed round trip or weights that do not fit the config."""
+    from stages.config import load_config
+    from stages.data import eval_loader
+    from stages.training import model_recipe
+
+    run_dir = Path(run_dir)
+    config, weights = run_dir / "config.yaml", run_dir / "final" / "model.pt"
+    for f, what in ((config, "the run's config"), (weights, "the final network (written when a run finishes)")):
+        if not f.exists():
+            raise FileNotFoundError(f"{f} does not exist: {what}; RUN_DIR is the run directory `pcpp train` "
+                                    "printed (runs/train/<name>-<digest>)")
+    cfg = load_config(config)
+    from pcpp import models
+
+    model = models.load(model_recipe(cfg), cfg.binarize, weights=weights).eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = pexport.save(model, out, precision=precision)
+    test_dir = Path(cfg.data.test) if cfg.data.test else None
+    result = {"summary": summary, "round_trip_error": None, "reloaded_acc": None, "images": 0}
+    if test_dir is None or not (test_dir / "manifest.json").exists():
+        return result  # nothing to verify on: the caller says so
+    x, _ = next(iter(eval_loader(test_dir, cfg.model.name, batch_size=ROUND_TRIP_BATCH)))
+    reloaded, _, _, result["round_trip_error"] = round_trip(model, out, x, precision)
+    available = json.loads((test_dir / "manifest.json").read_text())["num_samples"]
+    result["images"] = min(eval_limit or available, available)
+    result["reloaded_acc"] = accuracy(reloaded, eval_loader(test_dir, cfg.model.name, limit=eval_limit))
+    return result

@@ -22,13 +22,13 @@ from tqdm import tqdm
 from pcpp import models
 from pcpp.sensitivity import blocks, scan, worst
 from pcpp.surgery import BinarizeSpec
+from stages.activations import CALIBRATION_BATCHES  # as a training run calibrates its thresholds
 from stages.artifact import Artifact, StageContext
 from stages.common import load_model
 from stages.plots import heatmap
 
 CSV_NAME = "sensitivity.csv"
 PNG_NAME = "sensitivity.png"
-CALIBRATION_BATCHES = 4  # training batches the thresholds of a BWA scan are calibrated on
 
 __all__ = ["CSV_NAME", "PNG_NAME", "SensitivityConfig", "run", "write_csv"]
 

@@ -18,7 +18,7 @@ from stages.engine import fit
 
 
 class StageFailed(RuntimeError):
-    """A training stage ended without finishing (diverged or failed); its checkpoints stay for a resume."""
+    """A training stage ended without finishing (diverged, refused or failed); its checkpoints stay for a resume."""
 
 
 def bind(cfg: TrainConfig, inputs: dict[str, Artifact], ctx: StageContext, stage: str) -> TrainConfig:
@@ -43,6 +43,8 @@ def run_engine(cfg: TrainConfig, ctx: StageContext, *, stage: str):
     run_dir = work_dir(ctx.root, stage, ctx.extra["key"]) / "run"
     result = fit(cfg, run_dir=run_dir, parent_run_id=ctx.parent_run_id, run_name=f"{stage} (training)",
                  fail_after_epoch=ctx.extra.get("fail_after_epoch"))
+    if result.status == "refused":  # before any training: no checkpoint to speak of
+        raise StageFailed(f"{stage}: {result.message} (table: {run_dir / 'activation_balance.txt'})")
     if not result.ok:
         from stages.storage import storage_root
 

@@ -10,7 +10,8 @@ the rule's name. Per epoch: the BatchNorm statistics re-estimated under the hone
 (`TrainingRun.recalibrate_bn`), honest binarized evaluation (pcpp.evaluation), a DeepSpeed checkpoint (every
 rank its shard), metrics to MLflow and epochs.jsonl (rank 0, stages.tracking, each epoch once across
 restarts), then the checkpoint committed through `report` (Ray Train persists it in the run's storage,
-stages.storage). A non-finite loss or weight ends the run with status `diverged` and a one-line message.
+stages.storage). A non-finite loss or weight ends the run with status `diverged` and a one-line message; the
+activation guard's refusal (stages.activations) ends it before training with status `refused`, and its message.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ import torch.nn.functional as F
 from cluster.local import deepspeed_file, resolve
 from cluster.progress import bar as progress_bar
 from pcpp import layers, models
-from pcpp.calibration import BalanceReport, prepare_activations_, recalibrate_batchnorm_
+from pcpp.calibration import recalibrate_batchnorm_
 from pcpp.distill import kd_loss
 from pcpp.evaluation import evaluate
 from pcpp.quantizers import Quantizer
 from pcpp.rules import RuleOptimizer, UpdateRule, get_rule
 from pcpp.schedules import learning_rate, progress_at
+from stages.activations import activation_placement, prepare_activations, record_balance, refusal
 from stages.config import TrainConfig
 from stages.preflight import CHECKPOINTS
 from stages.storage import STATE, Fault, record_start
@@ -50,7 +52,6 @@ HISTORY = "epochs.jsonl"
 # (w_mu, a_mu, rule_rho, ...) and `epoch`: the metrics a sweep may optimise.
 EPOCH_METRICS = ("loss", "lr", "train_forward_acc", "binary_acc", "forward_acc", "forward_binary_gap",
                  "soft_fraction", "flip_ratio", "overflow_rate", "epoch_time_s", "images_per_s")
-CALIBRATION_BATCHES = 4  # training batches the activation thresholds are calibrated on (BWA / BWAA)
 EVAL_BATCH = 256
 
 
@@ -85,32 +86,6 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, UpdateRule]:
 def build_teacher(cfg: TrainConfig) -> torch.nn.Module:
     """The full-precision teacher for distillation, frozen, in eval mode."""
     return models.load(model_recipe(cfg), weights=resolve(cfg.teacher)).eval().requires_grad_(False)
-
-
-def prepare_activations(model, cfg: TrainConfig, loader) -> BalanceReport | None:
-    """BWA / BWAA, before training: calibrate the activation thresholds, then run the balance guard.
-
-    Thresholds are calibrated at the per-channel median (pcpp.calibration) of the starting network, the
-    teacher's (FT) or the random init's (E2E: beta = 0 after a ReLU is one-sided, refused by the guard); a
-    pre-trained student keeps its own, a resumed run gets its trained ones back from the checkpoint after.
-    The guard checks the first batch and refuses (activation_guard: error, ValueError naming the layers)
-    or reports (warn) a layer whose inputs fall >= 99% on one side. The loader is seeded per epoch
-    (set_epoch), so reading a few batches here does not change the training order. None for BW and FP.
-    """
-    spec = cfg.binarize
-    if spec is None or spec.activation is None:
-        return None
-    batches = list(islice(iter(loader), CALIBRATION_BATCHES))
-    calibrate = not student_checkpoint(cfg)
-    return prepare_activations_(model, batches, calibrate=calibrate, strict=spec.activation_guard == "error")
-
-
-def activation_placement(model) -> str | None:
-    """The placement the binarized activations resolved to ('auto' becomes hardtanh or threshold)."""
-    for _, layer in layers.binary_layers(model):
-        if layer.act_quantizer is not None:
-            return layer.activation_placement
-    return None
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
@@ -179,24 +154,6 @@ def epochs_done(run_dir: Path) -> int:
     return sum(1 for _ in f.open()) if f.exists() else 0
 
 
-def record_balance(balance: BalanceReport, placement: str | None, run_dir: Path, run: Run | None) -> None:
-    """The guard's table beside the run and in MLflow (tag pcpp.activation_placement; a warning tag when the
-    guard, set to warn, found one-sided layers)."""
-    text = f"activation_placement: {placement}\n{balance}\n"
-    (run_dir / "activation_balance.txt").write_text(text)
-    if balance.refused:
-        print(f"warning: {balance.error()}", flush=True)
-    if run is None:
-        return
-    run.set_tags({"pcpp.activation_placement": str(placement)})
-    run.log_text(text, "activation_balance.txt")
-    run.log_metrics({"act_below_min": min(r.below for r in balance.rows),
-                     "act_below_max": max(r.below for r in balance.rows)}, step=0)
-    if balance.refused:
-        run.set_tags({"pcpp.activation_guard": f"warn: {len(balance.refused)} one-sided layers: "
-                      + ", ".join(r.name for r in balance.refused)[:4000]})
-
-
 @dataclass
 class EpochStats:
     """What one pass over the training data measured on this rank (summed over ranks by train_epoch)."""
@@ -245,6 +202,7 @@ class TrainingRun:
     def setup(self) -> None:
         """Loaders, model, activation calibration, teacher, optimizer, DeepSpeed, rule hooks, resume."""
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         from stages.data import LoaderConfig, make_loader
 
@@ -263,6 +221,12 @@ class TrainingRun:
         model, rule = build_model(cfg)
         self.mark("model build")
         balance = prepare_activations(model, cfg, self.train_loader)
+        self.message = refusal(balance, cfg, get_accelerator().current_device_name()) or ""
+        if self.message:  # the guard refused: its table is kept, nothing trains, Ray does not retry
+            self.status = "refused"
+            if rank == 0:
+                record_balance(balance, activation_placement(model), self.run_dir, self.tracker, refused=True)
+            return
         self.teacher = build_teacher(cfg) if cfg.distill.enabled else None
         optimizer = make_optimizer(cfg, model)
         # DeepSpeed gets the plain optimizer: under ZeRO it steps flat fp32 partitions, not the layers' tensors,
@@ -477,8 +441,8 @@ class TrainingRun:
                 raise RuntimeError(f"injected failure after epoch {epoch + 1}")
 
     def cleanup(self) -> None:
-        """Rank 0 writes the final weights (when finished) and result.json; a diverged run reports every epoch
-        metric as NaN, so that a Tune scheduler watching one of them accepts it."""
+        """Rank 0 writes the final weights (when finished) and result.json; a diverged or refused run reports
+        every epoch metric as NaN, so that a Tune scheduler watching one of them accepts it."""
         if self.rank == 0:
             final = self.run_dir / "final"
             final.mkdir(parents=True, exist_ok=True)
@@ -487,13 +451,14 @@ class TrainingRun:
             (self.run_dir / RESULT).write_text(json.dumps({
                 "status": self.status, "message": self.message, "metrics": self.metrics,
                 "epochs_done": epochs_done(self.run_dir)}))
-        if self.status == "diverged":
+        if self.status in ("diverged", "refused"):
             self.report({"epoch": epochs_done(self.run_dir) + 1, **{k: math.nan for k in EPOCH_METRICS},
-                         "diverged": 1.0})
+                         self.status: 1.0})
 
     def run(self, fail_after_epoch: int | None = None) -> str:
-        """setup, train, cleanup; returns the status (finished or diverged)."""
+        """setup, train, cleanup; returns the status (finished, diverged, or refused by the activation guard)."""
         self.setup()
-        self.train(fail_after_epoch)
+        if self.status != "refused":
+            self.train(fail_after_epoch)
         self.cleanup()
         return self.status

@@ -155,7 +155,8 @@ def test_resnet20_thresholds_and_placement_round_trip(tmp_path, resnet20_teacher
     from pcpp.calibration import calibrate_thresholds_
 
     model = copy.deepcopy(resnet20_teacher)
-    spec = tasks.spec(task, "bnn", activation=None if task == tasks.BW else "bnn++", activation_placement=placement)
+    placed = {} if task == tasks.BW else {"activation_placement": placement}  # BW has no activations to place
+    spec = tasks.spec(task, "bnn", activation=None if task == tasks.BW else "bnn++", **placed)
     binarize_(model, spec)
     gen = torch.Generator().manual_seed(0)
     calibrate_thresholds_(model, [torch.randn(8, 3, 32, 32, generator=gen)])

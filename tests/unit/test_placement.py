@@ -101,10 +101,12 @@ def test_hardtanh_replaces_exactly_the_relus_feeding_binarized_convs(resnet20):
 
 
 @pytest.mark.parametrize("chosen", ["hardtanh", "pre_relu"])
-def test_layouts_leave_a_bw_model_alone(resnet20, chosen):
+def test_a_placement_for_a_bw_model_is_refused_and_the_model_left_alone(resnet20, chosen):
     x = torch.randn(2, 3, 32, 32)
-    binarize_(resnet20, {"activation_placement": chosen})  # BW: nothing binarizes activations
+    with pytest.raises(ValueError, match=f"activation_placement='{chosen}' set without binarized activations"):
+        binarize_(resnet20, {"activation_placement": chosen})  # BW: nothing to place (it was ignored silently)
     assert not any(isinstance(m, nn.Hardtanh) for m in resnet20.modules())
+    assert list(pl.binary_layers(resnet20)) == []
     assert not any(b.signed_conv1 or b.signed_conv2 for _, b in resnet20.blocks())
     assert getattr(resnet20, "pcpp_activation_layout", {}) == {}
     assert resnet20(x).shape == (2, 10)

@@ -28,7 +28,7 @@ BASE = {
     "name": "keys", "root": "runs/keys", "model": {"name": "resnet20", "num_classes": 10},
     "data": {"train": "src/train", "test": "src/test"},
     "teacher": {"source": "file", "path": "teacher.th"},
-    "binarize": {"weight": "bnn++"},
+    "binarize": {"weight": "bnn++", "activation": "bnn"},  # BWA: activation_placement / _guard count
     "pretrain": {"enabled": True},
     # pq has a rule parameter, so that train.algorithm.params can change to another valid value
     "train": {"algorithm": {"rule": "pq", "params": {"rho": {"kind": "linear", "start": 0.01, "end": 10.0}}}},

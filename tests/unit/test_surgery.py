@@ -327,6 +327,16 @@ def test_spec_round_trips():
     assert BinarizeSpec.from_dict(spec.to_dict()) == spec
 
 
+@pytest.mark.parametrize("setting", [{"activation_placement": "hardtanh"}, {"activation_guard": "warn"}])
+def test_activation_settings_without_activation_are_refused(setting):
+    """BW has no binarized activations: their placement / guard would be ignored silently (new-user trial)."""
+    with pytest.raises(ValueError) as err:
+        BinarizeSpec(**setting)
+    key, value = next(iter(setting.items()))
+    assert f"{key}={value!r}" in str(err.value) and "activation is None" in str(err.value)
+    assert BinarizeSpec(activation="bnn++", **setting).task == "BWA"
+
+
 # ---- classifier heads and first layers named by timm's pretrained_cfg (issue 15 item 1) -------------------------
 
 
