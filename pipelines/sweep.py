@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -171,12 +172,25 @@ def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
     root = base.root_path
     uri = prefix.tracking_uri
     client = tracking.client(uri)
-    name = f"{base.name}-sweep-{base.digest()[:8]}"
-    run = tracking.start_run(uri, base.tracking.experiment, root / "mlartifacts", run_name=name,
-                             tags={"pcpp.kind": "sweep"})
-    parent = run.run_id
+    name = sweep_name(cfg, base)
+    sweep_dir, experiment_dir = root / "sweeps" / name, root / "tune" / name
+    # A rerun of the same sweep (same base, same search) resumes it: Tune's experiment state (trials, the
+    # searcher's, ASHA's) from `experiment_dir`, each unfinished trial's training from its last epoch, and
+    # the same MLflow parent run; a sweep that finished returns its results again without training.
+    from ray import tune
+
+    resuming = tune.Tuner.can_restore(str(experiment_dir))
+    parent = tracking.reuse_run(client, sweep_dir) if resuming else None
+    if parent is None:
+        parent = tracking.start_run(uri, base.tracking.experiment, root / "mlartifacts", run_name=name,
+                                    tags={"pcpp.kind": "sweep"}).run_id
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / tracking.RUN_ID_FILE).write_text(parent)
+    if resuming:
+        print(f"{name}: resuming the sweep in {experiment_dir} (MLflow run {parent})", file=sys.stderr, flush=True)
+    run = tracking.Run(uri, parent)
     try:
-        result = _run_trials(cfg, base, client, uri, parent, name, prefix)
+        result = _run_trials(cfg, base, client, uri, parent, name, prefix, experiment_dir if resuming else None)
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         _close_leftovers(client, parent, "KILLED" if interrupted else "FAILED", one_line(e))
@@ -206,7 +220,18 @@ def _fit_concurrency(cfg: SweepConfig, base: PipelineConfig) -> SweepConfig:
     return cfg
 
 
-def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent: str, name: str, prefix):
+def sweep_name(cfg: SweepConfig, base: PipelineConfig) -> str:
+    """`<pipeline>-sweep-<digest>`: the digest covers the base pipeline and what decides the trials (search,
+    searcher, seed, num_samples, epochs, metric, mode, scheduler), not where or how fast they run; so a rerun
+    of the same sweep finds its experiment (and resumes it), and a changed sweep starts its own."""
+    decides = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("pipeline", "overrides", "out", "max_concurrent_trials")}
+    blob = json.dumps({"base": base.digest(), "sweep": decides}, sort_keys=True, default=str)
+    return f"{base.name}-sweep-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent: str, name: str, prefix,
+                restore: Path | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -224,6 +249,9 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
     # `setup` goes into Ray's object store once (tune.with_parameters), with the data and teacher artifacts
     # as the driver verified them: no trial hashes the shards again (150 MB for CIFAR-10, per trial).
     trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": TRIAL_CPU})
+    if restore is not None:  # unfinished trials continue (errored ones stay errors: a rerun would fail again)
+        tuner = tune.Tuner.restore(str(restore), trainable=trainable, resume_unfinished=True, param_space=param_space)
+        return _finish_trials(cfg, base, client, parent, name, tuner.fit())
     tuner = tune.Tuner(
         trainable,  # the search space is the sampled values alone; what every trial shares goes in `setup`
         param_space=param_space,
@@ -235,7 +263,12 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
         ),
         run_config=tune.RunConfig(name=name, storage_path=str(root / "tune"), verbose=1),
     )
-    grid = tuner.fit()
+    return _finish_trials(cfg, base, client, parent, name, tuner.fit())
+
+
+def _finish_trials(cfg: SweepConfig, base: PipelineConfig, client, parent: str, name: str, grid) -> SweepResult:
+    """Close the trials' MLflow runs, pick the best trial, write the best YAML and the trials summary."""
+    root = base.root_path
     trials = _close_trial_runs(client, parent, grid, cfg, root / "sweeps" / name)
     ok = [t for t in trials if t["status"] in ("finished", "stopped") and _finite(t["metric"])]
     if not ok:
@@ -286,8 +319,9 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Pa
     """Every trial's MLflow run ends with the status Tune's outcome gives it, set here, after Tune returned.
 
     finished: all epochs ran (FINISHED); stopped: the scheduler ended it early (KILLED, tag
-    pcpp.stopped_early); diverged: its last report says so (the engine reports a diverged epoch, and
-    writes result.json before it; FAILED); failed: the trial raised (FAILED, with the one-line message).
+    pcpp.stopped_early); diverged / refused: its last report says so (the engine reports a diverged epoch, or
+    the activation guard's refusal, and writes result.json before it; FAILED); failed: the trial raised
+    (FAILED, with the one-line message).
     The trials never set these themselves, so the outcome does not depend on which process is faster.
     """
     runs = _trial_runs(client, parent)
@@ -299,8 +333,9 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Pa
         outcome = json.loads(result_file.read_text()) if result_file and result_file.exists() else {}
         epochs = int(outcome.get("epochs_done", metrics.get("epoch", 0)) or 0)
         error = one_line(r.error) if r.error else None
-        if metrics.get("diverged") or outcome.get("status") == "diverged":
-            status, error = "diverged", outcome.get("message") or error or "diverged: non-finite loss or weights"
+        ended = next((s for s in ("diverged", "refused") if metrics.get(s) or outcome.get("status") == s), None)
+        if ended:  # refused: the activation guard's, before training (stages.activations)
+            status, error = ended, outcome.get("message") or error or f"{ended} (the trial's result.json is missing)"
         elif error:
             status = "failed"
         else:

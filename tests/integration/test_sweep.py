@@ -91,3 +91,12 @@ def test_sweep_asha_stops_trials_nests_runs_and_writes_a_runnable_best_config(ti
     summary = yaml.safe_load(result.best_yaml.with_name(result.best_yaml.name.replace("-best", "-trials")).read_text())
     assert summary["best"] == result.best_values and len(summary["trials"]) == 4
     assert result.best_values == next(t["values"] for t in result.trials if t["metric"] == result.best_metric)
+
+    # The same sweep again resumes its Tune experiment: finished there, so nothing trains, the same trials and
+    # figures come back, logged to the same MLflow parent run (a crashed sweep continues the same way).
+    again = sweep(*load_sweep(tmp_path / "sweep.yaml"))
+    assert again.parent_run_id == result.parent_run_id
+    same = ("trial_id", "status", "metric", "epochs", "values")
+    assert [[t[k] for k in same] for t in again.trials] == [[t[k] for k in same] for t in result.trials]
+    assert len(client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 4
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"

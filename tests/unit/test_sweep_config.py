@@ -3,12 +3,13 @@ search paths (dotted paths of the base pipeline, or the short names of earlier r
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines.sweep import load_sweep, spaces
+from pipelines.sweep import load_sweep, spaces, sweep_name
 from stages.engine import EPOCH_METRICS
 
 pytestmark = pytest.mark.unit
@@ -123,3 +124,15 @@ def test_the_readme_example_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg, base = load_sweep(tmp_path / "s.yaml")
     assert cfg.searcher == "optuna" and spaces(cfg, base)["binarize.weight.mu.start"].depends_on
+
+
+def test_the_sweep_name_is_the_same_for_the_same_sweep_and_differs_for_another(tmp_path):
+    """A rerun finds (and resumes) its experiment by this name; a changed search, seed or budget starts anew;
+    where or how fast the trials run does not change it."""
+    name = sweep_name(*load_sweep(files(tmp_path, {})))
+    assert re.fullmatch(r".+-sweep-[0-9a-f]{8}", name), name
+    assert sweep_name(*load_sweep(files(tmp_path, {"max_concurrent_trials": 1, "out": "elsewhere.yaml"}))) == name
+    for changed in ({"seed": 1}, {"num_samples": 9}, {"epochs": 3}, {"searcher": "optuna"},
+                    {"search": {"train.optim.lr": {"loguniform": [1e-4, 1e-3]}}}):
+        assert sweep_name(*load_sweep(files(tmp_path, changed))) != name, changed
+    assert sweep_name(*load_sweep(files(tmp_path, {"overrides": ["train.seed=3"]}))) != name  # the base pipeline
