@@ -10,6 +10,10 @@ the spec can add one LayerNorm at the end of each attention block (the paper's s
 
 BWA / BWAA: `activation_placement` (pcpp.placement) decides where the binarized activations get a signed
 input; it is recorded in every layer's binary_config and in the report.
+
+Mixed binarization: `keep_fp` keeps modules in full precision, by patterns (`["layer3.2"]`), or by a policy
+over a sensitivity scan (`{from_sensitivity: K}`, `{budget_bytes: N}`, `{budget_ratio: R}`) that
+pcpp.mixed.resolve turns into patterns before binarize_ sees the spec.
 """
 
 from __future__ import annotations
@@ -23,12 +27,69 @@ from typing import ClassVar
 from torch import nn
 
 from pcpp import placement as _placement
-from pcpp.calibration import BalanceReport, prepare_activations_
+from pcpp.calibration import BalanceReport, UncalibratedThresholdsWarning, prepare_activations_
 from pcpp.layers import ACCUMULATOR_BITS, BINARY_TYPES, SCALINGS, UNITS, BinaryMixin, make_quantizer
 from pcpp.tasks import task_of
 
 DEFAULT_PLACEMENT = _placement.AUTO  # hardtanh where the model defines it, threshold elsewhere
 GUARDS = ("error", "warn")
+# keep_fp policies: exactly one of these keys, with what it takes (pcpp.mixed resolves them)
+KEEP_FP_POLICIES = {"from_sensitivity": "an integer K >= 0 (the K most sensitive blocks)",
+                    "budget_bytes": "an integer N >= 1 (exported file at most N bytes)",
+                    "budget_ratio": "a number R > 0 (exported file at least R times smaller than fp32)"}
+# options beside the policy: the scan's column that ranks the blocks, the export precision a budget is priced at
+KEEP_FP_OPTIONS = ("by", "precision")
+RANKINGS = ("drop_ptb", "drop_bat")  # pcpp.sensitivity.scan's columns
+
+
+def is_keep_fp_policy(keep_fp) -> bool:
+    """True for a keep_fp policy (a mapping), False for patterns (a list)."""
+    return isinstance(keep_fp, dict)
+
+
+def check_keep_fp(keep_fp) -> list[str] | dict:
+    """`keep_fp` validated: a pattern or a list of patterns (returned as a list), or a policy mapping with
+    exactly one key of KEEP_FP_POLICIES and optionally `by` / `precision` (KEEP_FP_OPTIONS), returned as a
+    new dict. ValueError naming the bad key or value and the valid ones."""
+    if keep_fp is None:
+        return []
+    if isinstance(keep_fp, str):
+        return [keep_fp]
+    if isinstance(keep_fp, (list, tuple)):
+        bad = [p for p in keep_fp if not isinstance(p, str) or not p]
+        if bad:
+            raise ValueError(f"keep_fp patterns must be non-empty module-name strings, got {bad[0]!r} in "
+                             f"{list(keep_fp)}")
+        return list(keep_fp)
+    if not isinstance(keep_fp, dict):
+        raise ValueError(f"keep_fp must be a list of module-name patterns or a policy mapping, got {keep_fp!r}; "
+                         f"policies: {_policy_help()}")
+    valid = [*KEEP_FP_POLICIES, *KEEP_FP_OPTIONS]
+    unknown = sorted(set(keep_fp) - set(valid), key=str)
+    if unknown:
+        raise ValueError(f"unknown keep_fp key(s) {unknown}; valid: {', '.join(valid)} ({_policy_help()})")
+    chosen = [k for k in KEEP_FP_POLICIES if k in keep_fp]
+    if len(chosen) != 1:
+        raise ValueError(f"keep_fp policy {keep_fp!r} must give exactly one of {', '.join(KEEP_FP_POLICIES)}; "
+                         f"got {len(chosen)} ({_policy_help()})")
+    key, value = chosen[0], keep_fp[chosen[0]]
+    integral = isinstance(value, int) and not isinstance(value, bool)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"from_sensitivity": integral and value >= 0, "budget_bytes": integral and value >= 1,
+          "budget_ratio": number and value > 0 and value == value}[key]
+    if not ok:
+        raise ValueError(f"keep_fp {key} must be {KEEP_FP_POLICIES[key]}, got {value!r}")
+    if "by" in keep_fp and keep_fp["by"] not in RANKINGS:
+        raise ValueError(f"unknown keep_fp by {keep_fp['by']!r}; valid: {', '.join(RANKINGS)}")
+    if "precision" in keep_fp:
+        from pcpp.export import check_precision  # pcpp.export imports this module
+
+        check_precision(keep_fp["precision"], "keep_fp precision")
+    return dict(keep_fp)
+
+
+def _policy_help() -> str:
+    return "policies: " + "; ".join(f"{k}: {v}" for k, v in KEEP_FP_POLICIES.items())
 
 
 @dataclass
@@ -52,6 +113,8 @@ class BinarizeSpec:
     extra_layernorm: bool = False
     activation_placement: str = DEFAULT_PLACEMENT
     activation_guard: str = "error"
+    # Modules kept in full precision: patterns, or a policy over the sensitivity scan (check_keep_fp)
+    keep_fp: str | list[str] | dict = field(default_factory=list)
     # field -> role of the quantizer specs (pcpp.specs.make_quantizer): stage keys hash them as they resolve
     QUANTIZER_ROLES: ClassVar[dict[str, str]] = {"weight": "weight", "activation": "activation"}
 
@@ -78,6 +141,7 @@ class BinarizeSpec:
             self.include = [self.include]
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+        self.keep_fp = check_keep_fp(self.keep_fp)
         make_quantizer(self.weight)  # validates names and parameters now, before any surgery
         make_quantizer(self.activation, "activation")
 
@@ -163,8 +227,12 @@ def _qname(spec) -> str:
     return "none" if spec is None else spec if isinstance(spec, str) else spec.get("name", "?")
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether module `name` is selected by a pattern (fnmatch), itself or as a child of a selected module."""
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
+
+
+_matches = matches
 
 
 def _names(value) -> tuple[str, ...]:
@@ -253,14 +321,21 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
     the guard checks the first one (check_activation_balance, limit 0.99); its table is the report's
     `balance`. With activation_guard="error" a refused layer raises ValueError naming it, after the
     surgery (the model is binarized); with "warn" the refused layers are in `balance.refused`.
+
+    keep_fp patterns keep the layers they match in full precision ("kept (keep_fp)"); a keep_fp policy
+    (a mapping) is a ValueError here: pcpp.mixed.resolve turns it into patterns against a sensitivity scan.
     """
     if spec is None:
         spec = BinarizeSpec()
     elif isinstance(spec, dict):
         spec = BinarizeSpec.from_dict(spec)
+    if is_keep_fp_policy(spec.keep_fp):
+        raise ValueError(f"keep_fp {spec.keep_fp} is a policy over a sensitivity scan: resolve it into patterns "
+                         "first (pcpp.mixed.resolve; a pipeline's train stage does it from the sensitivity stage's "
+                         "artifact), or give keep_fp as module-name patterns")
 
     all_names = [n for n, _ in model.named_modules() if n]
-    for pattern in spec.include + spec.exclude:
+    for pattern in spec.include + spec.exclude + spec.keep_fp:
         if not any(_matches(n, [pattern]) for n in all_names):
             sample = ", ".join(all_names[:8])
             raise ValueError(f"pattern {pattern!r} matches no module of {type(model).__name__}; "
@@ -297,6 +372,8 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
             rows.append(ReportRow(name, kind, "kept (not included)", params))
         elif _matches(name, spec.exclude):
             rows.append(ReportRow(name, kind, "kept (excluded)", params))
+        elif _matches(name, spec.keep_fp):
+            rows.append(ReportRow(name, kind, "kept (keep_fp)", params))
         elif (spec.keep_first and kept.get(name) == "first layer") or (spec.keep_head and kept.get(name) == "head"):
             rows.append(ReportRow(name, kind, f"kept ({kept[name]})", params))
         else:
@@ -304,7 +381,8 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
             rows.append(ReportRow(name, kind, "binarized", params))
     if not swaps and not any(r.action == "kept (already binarized)" for r in rows):
         raise ValueError(f"nothing to binarize in {type(model).__name__} with include={spec.include} "
-                         f"exclude={spec.exclude}: no Conv2d / Linear layer left after the rules")
+                         f"exclude={spec.exclude} keep_fp={spec.keep_fp}: no Conv2d / Linear layer left after the "
+                         "rules")
     placement = _placement.resolve(model, spec.activation_placement) if spec.activation is not None else None
     # Build every layer before touching the model: a spec that cannot fit a layer is refused here, by name.
     built = []
@@ -327,5 +405,12 @@ def binarize_(model: nn.Module, spec: BinarizeSpec | dict | None = None, *,
     if calibration is not None and spec.activation is not None:
         report.balance = prepare_activations_(model, calibration, strict=spec.activation_guard == "error")
         if report.balance.refused:  # activation_guard="warn": go on, but say so
-            warnings.warn(report.balance.error(), RuntimeWarning, stacklevel=2)
+            warnings.warn(report.balance.error(warn=True), RuntimeWarning, stacklevel=2)
+    elif spec.activation is not None and any(b.act_threshold is not None for _, b in built):
+        warnings.warn(UncalibratedThresholdsWarning(
+            f"{sum(b.act_threshold is not None for _, b in built)} binarized activations binarize x - beta with "
+            "beta = 0 (activation_placement 'threshold', uncalibrated) and the guard did not run: after a ReLU "
+            "they are one-sided, their sign constant. Pass calibration=[batch, ...] (a few input batches, "
+            "normalised as the model expects) to calibrate them and run the guard, or load trained thresholds "
+            "(pcpp.models.load with weights)"), stacklevel=2)
     return report

@@ -30,7 +30,7 @@ from stages.plots import heatmap
 CSV_NAME = "sensitivity.csv"
 PNG_NAME = "sensitivity.png"
 
-__all__ = ["CSV_NAME", "PNG_NAME", "SensitivityConfig", "run", "write_csv"]
+__all__ = ["CSV_NAME", "PNG_NAME", "SensitivityConfig", "read_csv", "run", "write_csv"]
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
@@ -40,6 +40,16 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """The rows of a sensitivity CSV (`write_csv`'s), values as text: `block`, `params_binarized`, `drop_ptb`,
+    ... (pcpp.mixed.rank reads them). FileNotFoundError naming a missing file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"sensitivity CSV {path} does not exist")
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @dataclass
