@@ -25,6 +25,8 @@ optimizer / DeepSpeed wrap the model; `prepare_activations_` does the two in tha
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -130,6 +132,20 @@ def calibrate_thresholds_(model: nn.Module, batches: Iterable, *, honest: bool =
     return {n: m.act_threshold.detach().clone() for n, m in layers}
 
 
+class UncalibratedThresholdsWarning(RuntimeWarning):
+    """binarize_ made BWA / BWAA layers with learnable thresholds (beta = 0) and was given no calibration
+    batches: after a ReLU each such layer is one-sided until its thresholds are calibrated or loaded."""
+
+
+@contextlib.contextmanager
+def thresholds_set_next():
+    """Silence UncalibratedThresholdsWarning around a binarize_ whose caller sets the thresholds right after
+    (loads a checkpoint, or calibrates them: pcpp.models.load with weights, the training worker)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncalibratedThresholdsWarning)
+        yield
+
+
 @dataclass
 class BalanceRow:
     name: str
@@ -170,8 +186,12 @@ class BalanceReport:
             lines.append(f"{r.name:<{w}}  {r.below:>7.3f}  {r.one_sided_channels:>13.3f}  {r.threshold}{flag}")
         return "\n".join(lines)
 
-    def error(self) -> str:
-        bad = ", ".join(f"{r.name} ({r.below:.1%} below)" for r in self.refused)
+    def error(self, shown: int = 6, *, warn: bool = False) -> str:
+        """What is wrong and what to set; names the first `shown` one-sided layers (the table has them all).
+        warn=True: the run goes on (activation_guard warn), and the message says so."""
+        named = [f"{r.name} ({r.below:.1%} below)" for r in self.refused]
+        more = len(named) - shown
+        bad = ", ".join(named[:shown]) + (f" and {more} more (the guard's table lists all)" if more > 0 else "")
         if all(r.threshold == "learned" for r in self.refused):  # threshold placement: beta not where the data is
             fix = ("their thresholds sit outside the inputs: calibrate them (pcpp train and binarize_(..., "
                    "calibration=batches) do, at the per-channel median; pcpp.calibration.calibrate_thresholds_), "
@@ -182,7 +202,8 @@ class BalanceReport:
                    "'pre_relu' / 'hardtanh' for a CNN that defines them (resnet20)")
         return (f"{len(self.refused)} of {len(self.rows)} binarized activations put >= {self.limit:.0%} of their "
                 f"inputs on one side of the threshold, so their honest sign is (almost) constant and carries no "
-                f"information: {bad}. To fix: {fix}; binarize.activation_guard=warn runs anyway")
+                f"information: {bad}. To fix: {fix}" + ("; running anyway (activation_guard=warn)" if warn else
+                                                        "; binarize.activation_guard=warn runs anyway"))
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Callable, Mapping
@@ -330,10 +331,13 @@ def load(recipe: str | Mapping, binarize=None, weights: str | os.PathLike | Mapp
     if pretrained is not None:
         load_checkpoint(model, pretrained)
     if binarize is not None:
+        from pcpp.calibration import thresholds_set_next
         from pcpp.surgery import binarize_  # surgery is the layer above the model factory
 
-        for spec in binarize if isinstance(binarize, (list, tuple)) else [binarize]:
-            binarize_(model, spec)
+        # with weights, the thresholds come from them: no warning about uncalibrated ones
+        with thresholds_set_next() if weights is not None else contextlib.nullcontext():
+            for spec in binarize if isinstance(binarize, (list, tuple)) else [binarize]:
+                binarize_(model, spec)
     if isinstance(weights, Mapping):
         load_state(model, weights, strict=strict)
     elif weights is not None:

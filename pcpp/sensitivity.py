@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcpp import layers as pnn
-from pcpp.calibration import calibrate_thresholds_
+from pcpp.calibration import calibrate_thresholds_, thresholds_set_next
 from pcpp.evaluation import accuracy
 from pcpp.schedules import progress_at
 from pcpp.surgery import BinarizeSpec, binarize_, first_and_head
@@ -162,7 +162,8 @@ def scan(
     rows = []
     for block in blocks:
         model = model_factory()
-        report = binarize_(model, BinarizeSpec(**{**asdict(spec), "include": [block]}))
+        with thresholds_set_next():  # calibrated below
+            report = binarize_(model, BinarizeSpec(**{**asdict(spec), "include": [block]}))
         model.to(device)
         if any(layer.act_threshold is not None for _, layer in pnn.binary_layers(model)):
             if not calibration:

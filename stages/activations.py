@@ -75,7 +75,7 @@ def record_balance(balance: BalanceReport, placement: str | None, run_dir: Path,
     text = f"activation_placement: {placement}\n{balance}\n"
     (run_dir / BALANCE_FILE).write_text(text)
     if balance.refused and not refused:
-        print(f"warning: {balance.error()}", flush=True)
+        print(f"warning: {balance.error(warn=True)}", flush=True)
     if run is None:
         return
     run.set_tags({"pcpp.activation_placement": str(placement)})

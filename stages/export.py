@@ -85,28 +85,36 @@ def export_run(run_dir: str | Path, out: str | Path, precision: str = "fp32", ev
     """`pcpp export RUN_DIR OUT`: the 1-bit export of a `pcpp train` run's final network (its final/model.pt,
     rebuilt from its config.yaml), round trip verified on its test shards, scored there when they exist.
 
-    Writes OUT (.safetensors) and its manifest (.json). Returns {"summary": SizeSummary, "round_trip_error",
-    "reloaded_acc" (None without test shards), "images"}. Raises FileNotFoundError naming a missing file,
-    ValueError for a failed round trip or weights that do not fit the config."""
+    Writes OUT (.safetensors) and its manifest (.json). Scores on the run's own test images (data.eval_limit)
+    unless `eval_limit` is given. Returns {"summary": SizeSummary, "round_trip_error", "reloaded_acc" and
+    "binary_acc" (the binarized-eval model's; equal at fp32; None without test shards), "images"}. Raises
+    FileNotFoundError naming a missing file (or how the run ended without a network), ValueError for an OUT
+    that is not .safetensors, a failed round trip or weights that do not fit the config."""
     from stages.config import load_config
     from stages.data import eval_loader
     from stages.training import model_recipe
 
-    run_dir = Path(run_dir)
-    config, weights = run_dir / "config.yaml", run_dir / "final" / "model.pt"
+    run_dir, out = Path(run_dir), Path(out)
+    config, weights, ended = run_dir / "config.yaml", run_dir / "final" / "model.pt", run_dir / "result.json"
+    if not weights.exists() and config.exists() and ended.exists():  # the run ended without a network
+        outcome = json.loads(ended.read_text())
+        raise FileNotFoundError(f"{run_dir} has no final network: the run ended {outcome.get('status')!r}: "
+                                f"{outcome.get('message') or 'no message'}")
     for f, what in ((config, "the run's config"), (weights, "the final network (written when a run finishes)")):
         if not f.exists():
             raise FileNotFoundError(f"{f} does not exist: {what}; RUN_DIR is the run directory `pcpp train` "
                                     "printed (runs/train/<name>-<digest>)")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"OUT must end in .safetensors (its manifest goes beside it as .json), got {out}")
     cfg = load_config(config)
+    eval_limit = cfg.data.eval_limit if eval_limit is None else eval_limit  # the images the run scored
     from pcpp import models
 
     model = models.load(model_recipe(cfg), cfg.binarize, weights=weights).eval()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = pexport.save(model, out, precision=precision)
     test_dir = Path(cfg.data.test) if cfg.data.test else None
-    result = {"summary": summary, "round_trip_error": None, "reloaded_acc": None, "images": 0}
+    result = {"summary": summary, "round_trip_error": None, "reloaded_acc": None, "binary_acc": None, "images": 0}
     if test_dir is None or not (test_dir / "manifest.json").exists():
         return result  # nothing to verify on: the caller says so
     x, _ = next(iter(eval_loader(test_dir, cfg.model.name, batch_size=ROUND_TRIP_BATCH)))
@@ -114,4 +122,7 @@ def export_run(run_dir: str | Path, out: str | Path, precision: str = "fp32", ev
     available = json.loads((test_dir / "manifest.json").read_text())["num_samples"]
     result["images"] = min(eval_limit or available, available)
     result["reloaded_acc"] = accuracy(reloaded, eval_loader(test_dir, cfg.model.name, limit=eval_limit))
+    # the honest network the run evaluated, on the same images: what the export must keep
+    result["binary_acc"] = result["reloaded_acc"] if precision == "fp32" else accuracy(
+        model, eval_loader(test_dir, cfg.model.name, limit=eval_limit))
     return result

@@ -68,5 +68,5 @@ def format_table(phases: dict[str, float], wall: float, epochs: float) -> str:
     lines += [f"{'wall':<{width}}  {wall:>8.2f}",
               f"{EPOCHS:<{width}}  {epochs:>8.2f}",
               f"{'fixed cost (wall - epochs)':<{width}}  {wall - epochs:>8.2f}",
-              f"{'wall / epochs':<{width}}  {wall / max(epochs, 1e-9):>8.2f}"]
+              f"{'wall / epochs':<{width}}  " + (f"{wall / epochs:>8.2f}" if epochs > 0 else f"{'n/a':>8}")]
     return "\n".join(lines)

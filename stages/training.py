@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from cluster.local import deepspeed_file, resolve
 from cluster.progress import bar as progress_bar
 from pcpp import layers, models
-from pcpp.calibration import recalibrate_batchnorm_
+from pcpp.calibration import recalibrate_batchnorm_, thresholds_set_next
 from pcpp.distill import kd_loss
 from pcpp.evaluation import evaluate
 from pcpp.quantizers import Quantizer
@@ -75,8 +75,9 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, UpdateRule]:
     """The student and its update rule: teacher weights (FT) or random, binarized, then the student's own
     checkpoint if one is given; the forward sees w* itself when the rule trains it (`training_quantizer`)."""
     student = student_checkpoint(cfg)
-    model = models.load(model_recipe(cfg), cfg.binarize, weights=resolve(student) if student else None,
-                        pretrained=resolve(cfg.teacher) if from_teacher(cfg) else None)
+    with thresholds_set_next():  # the worker calibrates them next (stages.activations), or the student has them
+        model = models.load(model_recipe(cfg), cfg.binarize, weights=resolve(student) if student else None,
+                            pretrained=resolve(cfg.teacher) if from_teacher(cfg) else None)
     rule = get_rule(cfg.algorithm.rule, **cfg.algorithm.params)
     if rule.training_quantizer == "fp":
         layers.set_latent_forward(model, True)
@@ -444,9 +445,9 @@ class TrainingRun:
         """Rank 0 writes the final weights (when finished) and result.json; a diverged or refused run reports
         every epoch metric as NaN, so that a Tune scheduler watching one of them accepts it."""
         if self.rank == 0:
-            final = self.run_dir / "final"
-            final.mkdir(parents=True, exist_ok=True)
             if self.status == "finished":
+                final = self.run_dir / "final"
+                final.mkdir(parents=True, exist_ok=True)
                 torch.save(self.module.state_dict(), final / "model.pt")
             (self.run_dir / RESULT).write_text(json.dumps({
                 "status": self.status, "message": self.message, "metrics": self.metrics,

@@ -7,6 +7,7 @@ one side of its threshold outputs a constant; the guard refuses it by name.
 
 import io
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,13 @@ from torch import nn
 
 import pcpp.layers as pl
 from pcpp import models, tasks
-from pcpp.calibration import balanced_median, calibrate_thresholds_, check_activation_balance, prepare_activations_
+from pcpp.calibration import (
+    balanced_median,
+    calibrate_thresholds_,
+    check_activation_balance,
+    prepare_activations_,
+    thresholds_set_next,
+)
 from pcpp.layers import BinaryConv2d, BinaryLinear
 from pcpp.surgery import BinarizeSpec, binarize_
 
@@ -190,10 +197,13 @@ def test_guard_and_calibration_over_timm_families(family):
         assert post_relu
         with pytest.raises(ValueError) as err:
             check_activation_balance(raw, check)
-        assert all(n in str(err.value) for n in post_relu)
+        named = [r.name for r in report.refused][:6]  # the message names the first six, then counts the rest
+        assert all(n in str(err.value) for n in named)
+        assert len(post_relu) <= 6 or f"and {len(post_relu) - 6} more" in str(err.value)
 
     model = models.create(name, num_classes=10, **kw)
-    binarize_(model, {"activation": "bnn++", "activation_placement": "threshold"})
+    with thresholds_set_next():  # calibrated on the next line
+        binarize_(model, {"activation": "bnn++", "activation_placement": "threshold"})
     report = prepare_activations_(model, [calib])  # calibrates, then checks: raises if a layer is refused
     assert not report.refused
     assert not check_activation_balance(model, check, strict=False).refused  # and on other inputs
@@ -276,7 +286,26 @@ def test_resnet20_teacher_without_thresholds_is_refused_naming_every_layer(sampl
     with pytest.raises(ValueError) as err:
         check_activation_balance(model, x[:64])
     names = [n for n, _ in pl.binary_layers(model)]
-    assert len(names) == 18 and all(f"{n} (0.0% below)" in str(err.value) for n in names)
+    assert len(names) == 18 and all(f"{n} (0.0% below)" in str(err.value) for n in names[:6])
+    assert names[6] not in str(err.value) and "and 12 more (the guard's table lists all)" in str(err.value)
+    report = check_activation_balance(model, x[:64], strict=False)
+    assert [r.name for r in report.refused] == names  # the table has them all
+
+
+def test_uncalibrated_thresholds_warn_unless_trained_ones_are_loaded(sample, tmp_path):
+    from pcpp import models
+    from pcpp.calibration import UncalibratedThresholdsWarning
+
+    spec = {"activation": "bnn", "activation_placement": "threshold"}
+    model = teacher()
+    with pytest.warns(UncalibratedThresholdsWarning, match="18 binarized activations binarize x - beta"):
+        binarize_(model, spec)  # beta = 0 after every ReLU, and no guard ran
+    torch.save(model.state_dict(), tmp_path / "student.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncalibratedThresholdsWarning)  # loaded thresholds: nothing to say
+        models.load("resnet20", spec, weights=tmp_path / "student.pt")
+        binarize_(teacher(), {"activation": "bnn", "activation_placement": "hardtanh"})  # no thresholds
+        binarize_(teacher(), spec, calibration=[sample[0][:64]])  # calibrated and guarded
 
 
 def test_binarize_with_calibration_batches_calibrates_and_guards(sample):
@@ -287,7 +316,7 @@ def test_binarize_with_calibration_batches_calibrates_and_guards(sample):
     assert len(report.balance.rows) == 18 and not report.balance.refused
     assert all(m.act_threshold.abs().sum() > 0 for _, m in pl.binary_layers(model))
     refused = teacher()
-    with pytest.raises(ValueError, match="layer3.2.conv2"):
+    with pytest.raises(ValueError, match="layer1.2.conv2 .* and 12 more"):
         binarize_(refused, {"activation": "bnn", "activation_placement": "none"}, calibration=[x[:64]])
     assert binarize_(teacher(), {}, calibration=[x[:64]]).balance is None  # BW: nothing to check
     with pytest.warns(RuntimeWarning, match="18 of 18 binarized activations"):  # warn: goes on, and says so

@@ -38,7 +38,10 @@ def test_export_of_a_finished_run_scores_what_the_run_scored(shards, process_gro
     assert res["summary"].binary_params > 0 and (tmp_path / "out" / "model.json").exists()
 
     assert main(["export", str(run_dir), str(tmp_path / "cli.safetensors"), "--eval-limit", "8"]) == 0
-    assert "reloaded logits equal the binarized-eval model's; reloaded accuracy" in capsys.readouterr().out
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "reloaded logits equal the binarized-eval model's; on 8 test images: binarized-eval accuracy" in last
+    assert main(["export", str(run_dir), str(tmp_path / "cli.pt")]) == 2  # not a .safetensors name
+    assert "OUT must end in .safetensors" in capsys.readouterr().err
 
 
 def test_export_of_a_run_without_a_final_network_names_the_missing_file(tmp_path, capsys):
@@ -46,3 +49,10 @@ def test_export_of_a_run_without_a_final_network_names_the_missing_file(tmp_path
     assert main(["export", str(tmp_path), str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'final' / 'model.pt'} does not exist" in err and "pcpp train" in err
+
+
+def test_export_of_a_run_that_ended_without_a_network_says_how_it_ended(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    (tmp_path / "result.json").write_text('{"status": "refused", "message": "refused by the activation guard: ..."}')
+    assert main(["export", str(tmp_path), str(tmp_path / "m.safetensors")]) == 2
+    assert "the run ended 'refused': refused by the activation guard" in capsys.readouterr().err

@@ -67,6 +67,8 @@ def test_the_table_shows_every_phase_the_untimed_rest_and_the_fixed_cost():
     assert rows["not timed"] == ["1.50", "15.0"]  # the nested row is not counted twice
     assert rows["wall"] == ["10.00"] and rows["fixed cost (wall - epochs)"] == ["6.00"]
     assert rows["wall / epochs"] == ["2.50"]
+    refused = format_table({"Ray start": 3.0}, wall=10.0, epochs=0.0).splitlines()  # no epoch ran (refused)
+    assert refused[-1].split()[-1] == "n/a"
 
 
 def test_profile_startup_parses_and_prints_the_table(capsys):
