@@ -193,7 +193,8 @@ class Pricer:
 def resolve(policy: dict | list, rows: list[dict], model: nn.Module, spec: BinarizeSpec | dict,
             precision: str | None = None) -> KeepDecision:
     """The blocks a keep_fp policy keeps, given sensitivity-scan rows (see `rank`) and the full-precision
-    `model` (a meta-device one will do: only shapes are read) that `spec` binarizes.
+    `model` (a meta-device one will do: only shapes are read) that `spec` binarizes. Patterns in
+    spec.keep_fp stay kept besides the policy's blocks (priced with them; `blocks` lists the policy's only).
 
     `precision`: the export precision sizes are priced at (the policy's own `precision` wins; default fp32).
     A list policy keeps exactly those patterns (no ranking). Raises ValueError for an invalid policy,
@@ -202,8 +203,10 @@ def resolve(policy: dict | list, rows: list[dict], model: nn.Module, spec: Binar
     that fits everything keeps every block."""
     policy = check_keep_fp(policy)
     spec = BinarizeSpec.from_dict(spec) if isinstance(spec, dict) else spec
-    base = BinarizeSpec.from_dict({**asdict(spec), "keep_fp": []})
+    # patterns in the spec stay kept, the policy's blocks come on top; the spec's own policy is the one resolved
+    base = spec if not is_keep_fp_policy(spec.keep_fp) else BinarizeSpec.from_dict({**asdict(spec), "keep_fp": []})
     if not is_keep_fp_policy(policy):  # patterns: kept as given, priced as they are
+        base = BinarizeSpec.from_dict({**asdict(spec), "keep_fp": []})
         pricer = Pricer(model, base, policy, precision or "fp32")
         if not pricer.leaves_binarized(len(policy)):
             raise ValueError(f"keep_fp {policy} keeps every binarizable layer in full precision: nothing to binarize")

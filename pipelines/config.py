@@ -1,6 +1,7 @@
 """Pipeline configs: one YAML for the whole of the paper's section 4.3, validated before any work.
 
-Sections: model, data, teacher, binarize, pretrain, train, sensitivity, export, distributed, tracking.
+Sections: model, data, teacher, binarize, pretrain, train, sensitivity, export, frontier, distributed,
+tracking.
 Unknown sections, keys and quantizer names are refused with the valid ones listed (stages.schema.build).
 Values are typed at load; relative paths are taken from the directory the command runs in and made
 absolute at load, so every stage and worker receives absolute paths.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.local import deepspeed_file
-from pcpp.surgery import BinarizeSpec
+from pcpp.surgery import BinarizeSpec, is_keep_fp_policy
 from stages.config import (
     INIT_OF_PIPELINE,
     PATH,
@@ -43,12 +44,13 @@ from stages.config import (
 )
 from stages.data.stage import DataStageConfig
 from stages.export import ExportConfig
+from stages.frontier import FrontierConfig
 from stages.schema import renamed
 from stages.sensitivity import SensitivityConfig
 from stages.teacher import SOURCES as TEACHER_SOURCES
 from stages.teacher import TeacherConfig
 
-STAGES = ("data", "teacher", "pretrain", "train", "sensitivity", "export")
+STAGES = ("data", "teacher", "pretrain", "train", "sensitivity", "export", "frontier")
 
 
 @dataclass
@@ -137,6 +139,23 @@ class ExportSection:
 
 
 @dataclass
+class FrontierSection:
+    """frontier: the accuracy-versus-size frontier of mixed binarization (stages.frontier), off by default:
+    the train section's recipe trained and exported for K = 0 (always), each K of `keep` (the K most sensitive
+    blocks of the sensitivity scan kept in full precision) and each budget (bytes of the exported file, or
+    times smaller than fp32), ranked `by` drop_ptb or drop_bat."""
+
+    enabled: bool = False
+    keep: list[int] = field(default_factory=lambda: [0, 1, 2])
+    budget_bytes: list[int] = field(default_factory=list)
+    budget_ratio: list[float] = field(default_factory=list)
+    by: str | None = None
+
+    def __post_init__(self):  # the points and `by`, checked at load
+        FrontierConfig(keep=self.keep, budget_bytes=self.budget_bytes, budget_ratio=self.budget_ratio, by=self.by)
+
+
+@dataclass
 class PipelineTracking:
     experiment: str = "pcpp"
     tracking_uri: str | None = field(default=None, metadata=URI)  # default: MLFLOW_TRACKING_URI, else <root>/mlflow.db
@@ -154,8 +173,31 @@ class PipelineConfig(ConfigDocument):
     train: TrainSection = field(default_factory=TrainSection)
     sensitivity: SensitivitySection = field(default_factory=SensitivitySection)
     export: ExportSection = field(default_factory=ExportSection)
+    frontier: FrontierSection = field(default_factory=FrontierSection)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: PipelineTracking = field(default_factory=PipelineTracking)
+
+    def __post_init__(self):
+        """What reads the sensitivity scan needs it: a keep_fp policy, the frontier (refused with what to set)."""
+        keep_fp, frontier = self.binarize.keep_fp, self.frontier
+        readers = ([f"binarize.keep_fp {keep_fp}"] if is_keep_fp_policy(keep_fp) else []) + (
+            ["frontier.enabled"] if frontier.enabled else [])
+        if readers and not self.sensitivity.enabled:
+            raise ValueError(f"{' and '.join(readers)} {'need' if len(readers) > 1 else 'needs'} the sensitivity "
+                             "scan, which ranks the blocks: set sensitivity.enabled: true (or give binarize.keep_fp "
+                             "as module-name patterns)")
+        if frontier.enabled and is_keep_fp_policy(keep_fp):
+            raise ValueError(f"frontier.enabled with binarize.keep_fp {keep_fp}: the frontier sets keep_fp per "
+                             "point; give binarize.keep_fp as patterns (kept at every point) or leave it empty")
+        blocks = self.sensitivity.blocks  # known before the scan only when given
+        asked = [(f"binarize.keep_fp.from_sensitivity {keep_fp['from_sensitivity']}", keep_fp["from_sensitivity"])
+                 ] if is_keep_fp_policy(keep_fp) and "from_sensitivity" in keep_fp else []
+        if frontier.enabled:
+            asked += [(f"frontier.keep {k}", k) for k in frontier.keep]
+        for what, k in asked:
+            if blocks is not None and k > len(blocks):
+                raise ValueError(f"{what} is more than the {len(blocks)} blocks of sensitivity.blocks "
+                                 f"({', '.join(blocks)}); valid: 0 to {len(blocks)}")
 
     @property
     def root_path(self) -> Path:
@@ -164,8 +206,16 @@ class PipelineConfig(ConfigDocument):
     def enabled(self) -> list[str]:
         """The stages this pipeline runs, in order."""
         optional = {"pretrain": self.pretrain.enabled, "sensitivity": self.sensitivity.enabled,
-                    "export": self.export.enabled}
+                    "export": self.export.enabled, "frontier": self.frontier.enabled}
         return [s for s in STAGES if optional.get(s, True)]
+
+    def training_spec(self) -> BinarizeSpec:
+        """The binarize section as the training stages receive it: a keep_fp policy without its own
+        `precision` is priced at export.precision (the size of the file the export stage writes)."""
+        keep_fp = self.binarize.keep_fp
+        if is_keep_fp_policy(keep_fp) and "precision" not in keep_fp:
+            return dataclasses.replace(self.binarize, keep_fp={**keep_fp, "precision": self.export.precision})
+        return self.binarize
 
     def stage_configs(self) -> dict[str, object]:
         """Every stage's own config (stages.registry's types), composed from this file's sections."""
@@ -190,12 +240,15 @@ class PipelineConfig(ConfigDocument):
             "pretrain": training("pretrain", TrainSection(  # the train section's BatchNorm re-estimation too
                 seed=self.train.seed, optim=optim(p.epochs, p.lr),
                 algorithm=AlgorithmConfig(bn_recalibration_batches=self.train.algorithm.bn_recalibration_batches)),
-                                 self.binarize),
-            "train": training("train", self.train, self.binarize),
+                                 self.training_spec()),
+            "train": training("train", self.train, self.training_spec()),
             "sensitivity": SensitivityConfig(**{f.name: getattr(self.sensitivity, f.name)
                                                 for f in dataclasses.fields(SensitivityConfig)}),
             "export": ExportConfig(eval_limit=loader.eval_limit, precision=self.export.precision),
         }
+        f = self.frontier  # the train and export stages' own configs, and the points
+        configs["frontier"] = FrontierConfig(training=configs["train"], export=configs["export"], keep=f.keep,
+                                             budget_bytes=f.budget_bytes, budget_ratio=f.budget_ratio, by=f.by)
         return {k: copy.deepcopy(v) for k, v in configs.items()}  # no object is shared between two stages
 
     def stage_config(self, name: str):

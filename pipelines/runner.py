@@ -1,6 +1,7 @@
 """The pipeline as a Ray DAG of stage tasks, with our own artifact cache (ray.workflow is gone in 2.60).
 
-data -> teacher -> pretrain (optional) -> train -> export, and teacher -> sensitivity. Each stage task
+data -> teacher -> pretrain (optional) -> train -> export, and teacher -> sensitivity (-> pretrain and train
+when binarize.keep_fp is a policy; -> frontier, which also waits for train and export). Each stage task
 receives its own typed config (PipelineConfig.stage_configs) and its inputs' artifacts; its key hashes
 exactly that config and the inputs' digests (stages.artifact.stage_key). A verified artifact under that
 key is a cache hit and the stage is skipped, so a crashed or stopped pipeline resumes where it stopped
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,9 @@ from pathlib import Path
 from cluster.local import check_resources, ensure_ray, tracking_uri
 from pipelines.config import PipelineConfig
 from stages import registry, tracking
-from stages.artifact import Artifact, StageContext, cached, commit, stage_key
+from stages.artifact import Artifact, StageContext
 from stages.config import absolute
+from stages.execute import run_stage
 from stages.tracking import one_line
 
 
@@ -33,62 +34,27 @@ class StagePlan:
 
 
 def plan(pc: PipelineConfig) -> list[StagePlan]:
-    """The enabled stages, in dependency order, each with its own config and the inputs it reads."""
+    """The enabled stages, each with its own config and the inputs it reads, in dependency order (the
+    pipeline's order, a stage moved after the stages its config makes it read: train after sensitivity
+    when binarize.keep_fp is a policy). ValueError when a stage reads a stage that is not enabled."""
     enabled = pc.enabled()
     configs = pc.stage_configs()
-    out = []
-    for name in enabled:
-        stage = registry.get(name)
-        deps = [*stage.inputs, *(d for d in stage.optional_inputs if d in enabled)]
-        out.append(StagePlan(name, deps, configs[name]))
+    pending = [StagePlan(name, registry.get(name).inputs_for(configs[name], enabled), configs[name])
+               for name in enabled]
+    out: list[StagePlan] = []
+    while pending:
+        ready = next((s for s in pending if all(d in {o.name for o in out} for d in s.deps)), None)
+        if ready is None:
+            raise ValueError(f"stages {[s.name for s in pending]} read each other: no order runs them")
+        out.append(ready)
+        pending.remove(ready)
     return out
 
 
-def _child_run(ctx: StageContext, stage: str, key: str, cached_hit: bool) -> str | None:
-    if not ctx.tracking_uri or not ctx.parent_run_id:
-        return None
-    run = tracking.start_run(ctx.tracking_uri, ctx.experiment, Path(ctx.root) / "mlartifacts", run_name=stage,
-                             parent_run_id=ctx.parent_run_id,
-                             tags={"pcpp.stage": stage, "pcpp.stage_key": key, "pcpp.cached": str(cached_hit).lower()})
-    return run.run_id
-
-
-def _end_child(ctx: StageContext, status: str, artifact: Artifact | None = None, message: str = "") -> None:
-    if not ctx.run_id:
-        return
-    run = tracking.Run(ctx.tracking_uri, ctx.run_id)
-    if artifact is not None:
-        run.set_tags({"pcpp.artifact": str(artifact.path)})
-        run.log_metrics(artifact.metrics)
-    run.finish(status, message)
-
-
 def execute_stage(name: str, config, ctx: StageContext, dep_names: list[str], *deps) -> tuple[Artifact, dict]:
-    """Run one stage (or take its cached artifact); returns (artifact, info)."""
-    inputs = {n: d[0] for n, d in zip(dep_names, deps)}
-    key = stage_key(name, config, inputs)
-    hit = cached(ctx.root, name, key)
-    ctx = dataclasses.replace(ctx, extra={**ctx.extra, "key": key})
-    ctx.run_id = _child_run(ctx, name, key, hit is not None)
-    if hit is not None:
-        _end_child(ctx, "FINISHED", hit)
-        print(f"stage {name}: cached ({key})", flush=True)
-        return hit, {"stage": name, "cached": True, "seconds": 0.0, "key": key}
-    print(f"stage {name}: started", flush=True)  # one line each: start, end or failure (quiet console)
-    started = time.time()
-    out = ctx.root / "artifacts" / f".tmp-{name}-{key}-{int(started * 1000)}"
-    out.mkdir(parents=True)
-    try:
-        metrics = registry.get(name).load()(config, inputs, out, ctx)
-        artifact = commit(ctx.root, name, key, config, inputs, out, metrics, started)
-    except BaseException as e:
-        shutil.rmtree(out, ignore_errors=True)
-        _end_child(ctx, "FAILED", message=f"{type(e).__name__}: {e}")
-        print(f"stage {name}: failed after {time.time() - started:.1f} s: {one_line(e)}", flush=True)
-        raise
-    _end_child(ctx, "FINISHED", artifact)
-    print(f"stage {name}: finished in {time.time() - started:.1f} s", flush=True)
-    return artifact, {"stage": name, "cached": False, "seconds": round(time.time() - started, 1), "key": key}
+    """Run one stage (or take its cached artifact), its inputs the (artifact, info) results of its deps'
+    tasks; returns (artifact, info) (stages.execute.run_stage)."""
+    return run_stage(name, config, ctx, {n: d[0] for n, d in zip(dep_names, deps)})
 
 
 @dataclass
@@ -211,6 +177,11 @@ def _finish_parent(uri, run_id, status, message, info=None, artifacts=None):
         run.set_tags({f"pcpp.{i['stage']}.cached": str(i["cached"]).lower()})
     for name, a in (artifacts or {}).items():
         run.log_metrics({f"{name}.{k}": v for k, v in a.metrics.items()})
+        # figures that are names (sensitivity.worst_block, train.keep_fp_blocks) as tags
+        run.set_tags({f"pcpp.{name}.{k}": v[:tracking.MAX_TAG_VALUE] for k, v in a.metrics.items()
+                      if isinstance(v, str)})
+        files = [a.file(f) for f in registry.get(name).parent_files if f in a.manifest["files"]]
+        run.log_files(files, artifact_path=name)  # a stage's headline files (the frontier's CSV and plot)
     run.finish(status, message)
 
 
@@ -222,7 +193,8 @@ def summary(pc: PipelineConfig, result: PipelineResult) -> str:
     headline = {"data": ("train_samples", "test_samples"), "teacher": ("accuracy",),
                 "pretrain": ("binary_acc", "forward_acc"), "train": ("binary_acc", "forward_acc", "soft_fraction"),
                 "sensitivity": ("baseline_acc", "worst_block", "worst_drop"),
-                "export": ("ratio_to_fp32", "file_bytes", "reloaded_acc")}
+                "export": ("ratio_to_fp32", "file_bytes", "reloaded_acc"),
+                "frontier": ("points", "fp_accuracy", "binary_accuracy")}
     for i in result.info:
         m = a[i["stage"]].metrics
         figs = ", ".join(f"{k} {m[k]:.4g}" if isinstance(m.get(k), float) else f"{k} {m.get(k)}"
@@ -234,6 +206,8 @@ def summary(pc: PipelineConfig, result: PipelineResult) -> str:
         lines.append(f"MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1 --port 5000")
     if "export" in a:
         lines.append(f"export: {a['export'].path / 'model.safetensors'}")
+    if "frontier" in a:
+        lines.append(f"frontier: {a['frontier'].path / 'frontier.csv'}, {a['frontier'].path / 'frontier.png'}")
     return "\n".join(lines)
 
 

@@ -11,8 +11,10 @@ import torch
 from pcpp import export as pexport
 from pcpp.evaluation import accuracy
 from pcpp.layers import binary_eval
+from pcpp.mixed import predict_file_bytes
 from stages.artifact import Artifact, StageContext
 from stages.common import load_model, log_to_run, shard_dirs
+from stages.mixed import KEEP_FP_FILE
 
 ROUND_TRIP_BATCH = 64  # test images the reloaded model's logits are compared on
 
@@ -34,6 +36,11 @@ class ExportConfig:
 
 def run(cfg: ExportConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
     """Inputs `train` (the binarized model) and `data`; writes model.safetensors, model.json, size_summary.txt.
+
+    Metrics: the file's size (file_bytes, ratio_to_fp32, ...), predicted_bytes (pcpp.mixed.predict_file_bytes,
+    what keep_fp budgets are priced with) and size_vs_prediction (file / predicted - 1), the round trip, the
+    reloaded accuracy; with a train artifact that kept blocks in full precision (keep_fp.json), their number
+    and names (keep_fp_count, keep_fp_blocks; params keep_fp.blocks, keep_fp.policy).
 
     The reloaded file's logits must equal the binarized-eval model's (fp32), or lie within
     pcpp.export.round_trip_tolerance of them (fp16 / bf16, BW); with binarized activations at fp16 / bf16 no
@@ -57,8 +64,16 @@ def run(cfg: ExportConfig, inputs: dict[str, Artifact], out: Path, ctx: StageCon
                "reloaded_acc": accuracy(reloaded, eval_loader(test_dir, model_name, limit=cfg.eval_limit))}
     if cfg.precision != "fp32":  # what the rounding costs, on the same samples
         metrics["binary_acc"] = accuracy(model, eval_loader(test_dir, model_name, limit=cfg.eval_limit))
+    # the size pcpp.mixed predicts for this model (what a keep_fp budget is priced with) against the file's
+    metrics["predicted_bytes"] = predict_file_bytes(model, cfg.precision)
+    metrics["size_vs_prediction"] = summary.file_bytes / metrics["predicted_bytes"] - 1.0
+    params = {"export.precision": cfg.precision, "export.eval_limit": cfg.eval_limit}
+    if KEEP_FP_FILE in inputs["train"].manifest["files"]:  # mixed binarization: which blocks the file keeps
+        kept = json.loads(inputs["train"].file(KEEP_FP_FILE).read_text())
+        metrics.update(keep_fp_count=len(kept["blocks"]), keep_fp_blocks=",".join(kept["blocks"]))
+        params.update({"keep_fp.blocks": ",".join(kept["blocks"]), "keep_fp.policy": json.dumps(kept["policy"])})
     log_to_run(ctx, metrics, files=[out / "model.safetensors", out / "model.json", out / "size_summary.txt"],
-               params={"export.precision": cfg.precision, "export.eval_limit": cfg.eval_limit})
+               params=params)
     return metrics
 
 

@@ -1,5 +1,6 @@
-"""Figures, outside the pure-torch library: the pairs' F, B and P side by side (the paper's Figures 1 and 5)
-and the sensitivity heatmap (Figure 3). Matplotlib with the Agg backend: files only, no display.
+"""Figures, outside the pure-torch library: the pairs' F, B and P side by side (the paper's Figures 1 and 5),
+the sensitivity heatmap (Figure 3) and the accuracy-versus-size frontier of mixed binarization. Matplotlib
+with the Agg backend: files only, no display.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 from pcpp.sensitivity import TRANSFORMER_PARTS
 from pcpp.theory import Verdict
 
-__all__ = ["heatmap", "plot_verdicts"]
+__all__ = ["frontier", "heatmap", "plot_verdicts"]
 
 
 def _pyplot():
@@ -135,6 +136,49 @@ def heatmap(rows: list[dict], path: str | Path, title: str | None = None) -> Pat
         fig.colorbar(image, ax=ax, label="drop (points)", fraction=0.04, pad=0.02)
     if title:
         fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- mixed binarization: accuracy against exported size ---------------------------------------------------
+def frontier(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Honest accuracy (%) against exported file size (bytes, log scale) of the frontier's points.
+
+    rows: dicts with `point` (a label), `kind` ("fp" for the full-precision end point, else "binary"),
+    `file_bytes` and `accuracy` (a fraction). The binarized points are joined in order of size and
+    labelled; points of equal size and accuracy (two policies that chose the same blocks) share one marker
+    and one label. ValueError without rows.
+    """
+    plt = _pyplot()
+    if not rows:
+        raise ValueError("no frontier points to plot")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        at = (r["kind"], int(r["file_bytes"]), float(r["accuracy"]))
+        merged.setdefault(at, {**r, "labels": []})["labels"].append(str(r["point"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    binary = sorted((m for m in merged.values() if m["kind"] != "fp"), key=lambda m: int(m["file_bytes"]))
+    fp = [m for m in merged.values() if m["kind"] == "fp"]
+    if binary:
+        ax.plot([int(m["file_bytes"]) for m in binary], [100 * float(m["accuracy"]) for m in binary], "o-",
+                color="tab:blue", label="binarized, most sensitive blocks kept in full precision")
+    for m in fp:
+        ax.plot(int(m["file_bytes"]), 100 * float(m["accuracy"]), "*", ms=14, color="tab:red",
+                label="full precision (fp32)")
+    for m in [*binary, *fp]:
+        ax.annotate(", ".join(m["labels"]), (int(m["file_bytes"]), 100 * float(m["accuracy"])),
+                    textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("exported file size (bytes)")
+    ax.set_ylabel("honest accuracy (%)")
+    ax.grid(True, which="both", color="0.9", lw=0.6)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -33,23 +33,27 @@ BASE = {
     # pq has a rule parameter, so that train.algorithm.params can change to another valid value
     "train": {"algorithm": {"rule": "pq", "params": {"rho": {"kind": "linear", "start": 0.01, "end": 10.0}}}},
     "sensitivity": {"enabled": True}, "export": {"enabled": True},
+    "frontier": {"enabled": True, "keep": [0, 1]},  # K <= 1: the one block of CHANGED["sensitivity.blocks"]
 }
 TRAINING = {"pretrain", "train"}
-MODEL = {"teacher", *TRAINING}
+# the frontier trains the train stage's recipe (its TrainConfig) and exports with the export stage's config
+RECIPE = {*TRAINING, "frontier"}
+MODEL = {"teacher", *RECIPE}
 # pipeline leaf -> the stages whose own config holds it (teacher.source: file)
 READERS = {
     "name": set(), "root": set(),  # the run's, not a stage's: artifacts are shared across pipeline names
     "model.name": MODEL, "model.kwargs": MODEL, "model.num_classes": MODEL,
     "data.train": {"data"}, "data.test": {"data"}, "data.shard_size": {"data"},
-    "data.batch_size": TRAINING, "data.num_workers": TRAINING, "data.epoch_length": TRAINING,
-    "data.eval_limit": {"teacher", "export", *TRAINING},
+    "data.batch_size": RECIPE, "data.num_workers": RECIPE, "data.epoch_length": RECIPE,
+    "data.eval_limit": {"teacher", "export", *RECIPE},
     "teacher.source": {"teacher"}, "teacher.path": {"teacher"}, "teacher.uri": {"teacher"},
     "teacher.epochs": set(), "teacher.lr": set(),  # read only when the teacher is trained (below)
     "pretrain.enabled": set(), "pretrain.epochs": {"pretrain"}, "pretrain.lr": {"pretrain"},
-    "train.seed": TRAINING, "train.init": {"train"},
-    "train.algorithm.bn_recalibration_batches": TRAINING,
-    "sensitivity.enabled": set(), "export.enabled": set(),  # which stages run, not what they compute
-    "export.precision": {"export"},
+    "train.seed": RECIPE, "train.init": {"train", "frontier"},
+    "train.algorithm.bn_recalibration_batches": RECIPE,
+    # which stages run, not what they compute
+    "sensitivity.enabled": set(), "export.enabled": set(), "frontier.enabled": set(),
+    "export.precision": {"export", "frontier"},
     "tracking.experiment": set(), "tracking.tracking_uri": set(),  # the run's MLflow store, given as context
     # How a training run is carried out (stages.config.RUNTIME: checkpoint storage, restarts, placement): not
     # what it computes, so neither TrainConfig.digest() (a `pcpp train` run directory) nor a stage key
@@ -70,13 +74,17 @@ CHANGED = {
     "sensitivity.blocks": ["layer1.0"], "distributed.deepspeed": "v100", "distributed.zero_stage": 2,
     "distributed.placement_strategy": "SPREAD", "distributed.storage_path": "s3://bucket/checkpoints",
     "tracking.tracking_uri": "sqlite:///x.db", "export.precision": "fp16",
+    "binarize.keep_fp": ["layer1.0"], "frontier.keep": [1], "frontier.budget_bytes": [50000],
+    "frontier.budget_ratio": [10.0], "frontier.by": "drop_bat",
 }
 
 
 def _readers() -> dict[str, set[str]]:
-    """READERS, plus the sections read as a whole: binarize and distributed by the training stages, the rest
-    of train (algorithm, optim, distill) by the train stage, the rest of sensitivity by the scan."""
-    whole = {"binarize": TRAINING, "distributed": TRAINING, "train": {"train"}, "sensitivity": {"sensitivity"}}
+    """READERS, plus the sections read as a whole: binarize and distributed by the training stages (and the
+    frontier), the rest of train (algorithm, optim, distill) by the train stage (and the frontier), the rest
+    of sensitivity by the scan, the rest of frontier (its points) by the frontier."""
+    whole = {"binarize": RECIPE, "distributed": RECIPE, "train": {"train", "frontier"},
+             "sensitivity": {"sensitivity"}, "frontier": {"frontier"}}
     out = dict(READERS)
     for path, _, _ in leaves(_base()):
         if path not in out and path.split(".")[0] in whole:
@@ -193,9 +201,13 @@ def _change(pc: PipelineConfig, path: str) -> PipelineConfig:
     return with_leaf(pc, path, changed(path, value, annotation))
 
 
+# fields whose other value the config refuses unless another section changes too: that section, changed in the base
+TIED_SECTIONS = {"sensitivity.enabled": {"frontier": {"enabled": False}}}  # the frontier reads the scan
+
+
 @pytest.mark.parametrize("path", sorted(p for p, _, _ in leaves(_base())))
 def test_a_pipeline_field_changes_exactly_the_keys_of_the_stages_that_read_it(path):
-    base = _base()
+    base = _base(**TIED_SECTIONS.get(path, {}))
     before = keys(base)
     after = keys(_change(base, path))
     assert {s for s in before if before[s] != after[s]} == _readers()[path]
@@ -213,7 +225,8 @@ def test_a_trained_teacher_reads_its_epochs_lr_and_the_training_sections():
 
 def test_which_stages_run_follows_the_enabled_flags():
     assert _base().enabled() == registry.names()
-    off = _base(pretrain={"enabled": False}, sensitivity={"enabled": False, "weight": "bnn++"})
+    off = _base(pretrain={"enabled": False}, sensitivity={"enabled": False, "weight": "bnn++"},
+                frontier={"enabled": False})
     assert off.enabled() == ["data", "teacher", "train", "export"]
 
 

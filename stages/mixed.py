@@ -1,0 +1,108 @@
+"""Mixed binarization in the pipeline: the training stages resolve a keep_fp policy and record the decision.
+
+The pretrain and train stages receive the binarize spec as the pipeline wrote it. When its keep_fp is a
+policy (`{from_sensitivity: K}`, `{budget_bytes: N}`, `{budget_ratio: R}`), they also read the sensitivity
+stage's artifact (stages.registry: `policy_inputs`), turn the policy into patterns (pcpp.mixed.resolve,
+the model priced on the meta device) and train with those. Whenever keep_fp keeps something (policy or
+patterns), the decision is recorded: `keep_fp.json` in the stage's artifact (policy, ranking, kept blocks,
+predicted file bytes and ratio to fp32 at the policy's precision, fp32 for patterns), the MLflow params
+`keep_fp.policy` / `keep_fp.blocks`, and the metrics `keep_fp_count`, `keep_fp_predicted_bytes`,
+`keep_fp_predicted_ratio` and `keep_fp_blocks` (text: a tag `pcpp.train.keep_fp_blocks` of the parent run).
+The export stage reads keep_fp.json back and logs the export's real size next to the prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from pcpp.mixed import KeepDecision, resolve
+from pcpp.surgery import is_keep_fp_policy
+from stages.artifact import Artifact, StageContext
+from stages.common import log_to_run, recipe_of
+from stages.config import TrainConfig
+
+KEEP_FP_FILE = "keep_fp.json"
+
+__all__ = ["KEEP_FP_FILE", "decide", "meta_model", "policy_inputs", "run_pretrain", "run_train", "with_keep_fp"]
+
+
+def policy_inputs(cfg: TrainConfig) -> dict[str, str]:
+    """{stage: why} of the stages a training config reads beyond its own inputs: the sensitivity scan when
+    binarize.keep_fp is a policy (stages.registry's `config_inputs`)."""
+    spec = getattr(cfg, "binarize", None)
+    if spec is not None and is_keep_fp_policy(spec.keep_fp):
+        return {"sensitivity": f"binarize.keep_fp {spec.keep_fp} ranks its blocks"}
+    return {}
+
+
+def meta_model(model_cfg):
+    """The full-precision architecture of a config's model section on the meta device: shapes, no storage."""
+    import torch
+
+    from pcpp import models
+
+    with torch.device("meta"):
+        return models.load(recipe_of(model_cfg))
+
+
+def decide(cfg: TrainConfig, inputs: dict[str, Artifact], policy=None, precision: str | None = None
+           ) -> KeepDecision | None:
+    """What `policy` (default cfg.binarize.keep_fp) keeps of the model cfg binarizes, priced at `precision`;
+    None when it keeps nothing (no keep_fp). A policy reads inputs["sensitivity"]'s CSV: ValueError naming
+    the missing input and how to enable it when there is none."""
+    from stages.sensitivity import CSV_NAME, read_csv
+
+    policy = cfg.binarize.keep_fp if policy is None else policy
+    if not policy:
+        return None
+    rows = []
+    if is_keep_fp_policy(policy):
+        if "sensitivity" not in inputs:
+            raise ValueError(f"binarize.keep_fp {policy} ranks the blocks of the sensitivity scan, and this stage "
+                             f"has no sensitivity artifact (inputs: {', '.join(sorted(inputs))}): enable the "
+                             "sensitivity stage, or give keep_fp as module-name patterns")
+        rows = read_csv(inputs["sensitivity"].file(CSV_NAME))
+    return resolve(policy, rows, meta_model(cfg.model), cfg.binarize, precision)
+
+
+def with_keep_fp(cfg: TrainConfig, blocks: list[str]) -> TrainConfig:
+    """`cfg` with binarize.keep_fp set to the patterns `blocks`."""
+    return dataclasses.replace(cfg, binarize=dataclasses.replace(cfg.binarize, keep_fp=list(blocks)))
+
+
+def record(decision: KeepDecision | None, out: Path, ctx: StageContext) -> dict:
+    """keep_fp.json in `out`, params to the stage's run; the metrics to add to the stage's ({} without one)."""
+    if decision is None:
+        return {}
+    (Path(out) / KEEP_FP_FILE).write_text(json.dumps(decision.to_dict(), indent=1))
+    log_to_run(ctx, params={"keep_fp.policy": json.dumps(decision.policy), "keep_fp.blocks": ",".join(decision.blocks),
+                            "keep_fp.precision": decision.precision})
+    return {"keep_fp_count": len(decision.blocks), "keep_fp_blocks": ",".join(decision.blocks),
+            "keep_fp_predicted_bytes": decision.predicted_bytes, "keep_fp_predicted_ratio": decision.predicted_ratio}
+
+
+def _run(stage: str, cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
+    from stages import train
+
+    decision = decide(cfg, inputs)
+    if decision is not None and is_keep_fp_policy(cfg.binarize.keep_fp):
+        cfg = with_keep_fp(cfg, decision.blocks)
+        print(f"stage {stage}: keep_fp {decision.policy} keeps {', '.join(decision.blocks) or 'no block'} in full "
+              f"precision (export {decision.predicted_bytes:,} bytes predicted, {decision.predicted_ratio:.1f}x "
+              "smaller than fp32)", flush=True)
+    run = train.run_pretrain if stage == "pretrain" else train.run_train
+    metrics = run(cfg, inputs, out, ctx)
+    return {**metrics, **record(decision, out, ctx)}
+
+
+def run_pretrain(cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
+    """stages.train.run_pretrain with binarize.keep_fp resolved (a policy: from inputs["sensitivity"])."""
+    return _run("pretrain", cfg, inputs, out, ctx)
+
+
+def run_train(cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
+    """stages.train.run_train with binarize.keep_fp resolved (a policy: from inputs["sensitivity"]); its
+    artifact holds keep_fp.json when keep_fp keeps something."""
+    return _run("train", cfg, inputs, out, ctx)
