@@ -140,8 +140,9 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
         writer.writerows(rows)
     t = cfg.training
     task = t.binarize.task
-    title = (f"{t.model.name} {task}, {_qname(t.binarize.weight)} weights, {t.optim.epochs} epoch(s) per point: "
-             f"most sensitive blocks kept (by {decisions[0][2].by}), export {cfg.export.precision}")
+    title = (f"{t.model.name} {task} ({_qname(t.binarize.weight)}), {t.optim.epochs} epoch(s) per point, export "
+             f"{cfg.export.precision}\nK most sensitive blocks kept in full precision (ranked by "
+             f"{decisions[0][2].by})")
     plot_frontier(rows, out / PNG_NAME, title=title)
     metrics = {"points": len(rows) - 1, "fp_accuracy": rows[0]["accuracy"], "fp_bytes": fp32_bytes,
                "binary_accuracy": rows[1]["accuracy"], "binary_bytes": rows[1]["file_bytes"]}

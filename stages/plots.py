@@ -169,16 +169,19 @@ def frontier(rows: list[dict], path: str | Path, title: str | None = None) -> Pa
     for m in fp:
         ax.plot(int(m["file_bytes"]), 100 * float(m["accuracy"]), "*", ms=14, color="tab:red",
                 label="full precision (fp32)")
-    for m in [*binary, *fp]:
+    for m in [*binary, *fp]:  # the fp point sits at the right edge: its label goes to its left
+        left = m["kind"] == "fp"
         ax.annotate(", ".join(m["labels"]), (int(m["file_bytes"]), 100 * float(m["accuracy"])),
-                    textcoords="offset points", xytext=(6, -12), fontsize=8)
+                    textcoords="offset points", xytext=(-8 if left else 6, -13), ha="right" if left else "left",
+                    fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("exported file size (bytes)")
+    ax.margins(x=0.08, y=0.1)
+    ax.set_xlabel("exported file size (bytes, log scale)")
     ax.set_ylabel("honest accuracy (%)")
     ax.grid(True, which="both", color="0.9", lw=0.6)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
