@@ -1,5 +1,6 @@
-"""A tiny accuracy-versus-size frontier (2 points: K = 0 and K = 1) through `pcpp run`: real Ray, real MLflow
-(SQLite), the tests' 4-class images. The K = 0 point is the train and export stages' own artifact (same key)."""
+"""A tiny accuracy-versus-size frontier (2 points: K = 0 and K = 1) through `pcpp run`, then the same pipeline
+with a keep_fp policy in its train stage instead: real Ray, real MLflow (SQLite), the tests' 4-class images.
+The K = 0 point is the train and export stages' own artifact (same key)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ import yaml
 pytestmark = pytest.mark.integration
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def pcpp_run(config: Path, *overrides: str) -> str:
+    """`pcpp run CONFIG OVERRIDES...` in a subprocess (its own loopback Ray); its console, after checking it ended 0."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS_SKIP_REGEX")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(config), *overrides],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                         cwd=Path(__file__).resolve().parents[2], timeout=1500)
+    console = out.stdout.decode(errors="replace")
+    assert out.returncode == 0, console[-4000:]
+    return console
 
 
 def test_a_two_point_frontier_through_pcpp_run(tiny_shards, tmp_path):
@@ -38,12 +51,7 @@ def test_a_two_point_frontier_through_pcpp_run(tiny_shards, tmp_path):
     }
     config = tmp_path / "tiny-frontier.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS_SKIP_REGEX")}
-    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(config)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2], timeout=1500)
-    console = out.stdout.decode(errors="replace")
-    assert out.returncode == 0, console[-4000:]
+    console = pcpp_run(config)
     assert "stage frontier K=0 train: cached" in console and "stage frontier K=1 train: finished" in console, console
 
     summary = json.loads((root / "summary.json").read_text())
@@ -82,3 +90,16 @@ def test_a_two_point_frontier_through_pcpp_run(tiny_shards, tmp_path):
     assert points["K=1", "train"].data.tags["pcpp.cached"] == "false"
     assert points["K=1", "train"].data.params["keep_fp.blocks"] == most
     assert points["K=1", "export"].data.metrics["size_vs_prediction"] == 0.0
+
+    # The same pipeline with the policy in its train stage: data, teacher and scan cached, train resolves it
+    console = pcpp_run(config, "frontier.enabled=false", "binarize.keep_fp.from_sensitivity=1")
+    assert f"stage train: keep_fp {{'from_sensitivity': 1, 'precision': 'fp32'}} keeps {most}" in console, console
+    summary = json.loads((root / "summary.json").read_text())
+    train_dir, metrics = Path(summary["artifacts"]["train"]), summary["metrics"]
+    assert json.loads((train_dir / "keep_fp.json").read_text())["blocks"] == [most]
+    assert json.loads((train_dir / "binarize.json").read_text())["keep_fp"] == [most]  # what the model holds
+    assert metrics["train"]["keep_fp_predicted_bytes"] == metrics["export"]["file_bytes"] == int(k1["file_bytes"])
+    assert metrics["train"]["keep_fp_predicted_ratio"] == pytest.approx(metrics["export"]["ratio_to_fp32"])
+    parent = client.get_run(summary["run_id"]).data
+    assert parent.tags["pcpp.train.keep_fp_blocks"] == most and parent.tags["pcpp.export.keep_fp_blocks"] == most
+    assert parent.metrics["export.file_bytes"] == parent.metrics["train.keep_fp_predicted_bytes"]
