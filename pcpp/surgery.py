@@ -113,8 +113,10 @@ class BinarizeSpec:
     extra_layernorm: bool = False
     activation_placement: str = DEFAULT_PLACEMENT
     activation_guard: str = "error"
-    # Modules kept in full precision: patterns, or a policy over the sensitivity scan (check_keep_fp)
-    keep_fp: str | list[str] | dict = field(default_factory=list)
+    # Modules kept in full precision: patterns, or a policy over the sensitivity scan (check_keep_fp). Empty,
+    # it is meant to stay out of stage keys and run directories (metadata read by stages.config.keyed_dict),
+    # so that the specs written before it keep their keys.
+    keep_fp: str | list[str] | dict = field(default_factory=list, metadata={"omit_empty": True})
     # field -> role of the quantizer specs (pcpp.specs.make_quantizer): stage keys hash them as they resolve
     QUANTIZER_ROLES: ClassVar[dict[str, str]] = {"weight": "weight", "activation": "activation"}
 
