@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from pcpp import layers as pnn  # noqa: E402
 from pcpp import models, tasks  # noqa: E402
-from pcpp.calibration import calibrate_thresholds_, check_activation_balance  # noqa: E402
+from pcpp.calibration import calibrate_thresholds_, check_activation_balance, thresholds_set_next  # noqa: E402
 from pcpp.schedules import progress_at  # noqa: E402
 from pcpp.surgery import binarize_  # noqa: E402
 
@@ -86,7 +86,8 @@ def run(placement: str, args, train, test) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     model = models.create("resnet20", pretrained_file=args.teacher)
     spec = tasks.spec(args.task, args.weight, args.activation, activation_placement=placement)
-    binarize_(model, spec)
+    with thresholds_set_next():  # calibrated below
+        binarize_(model, spec)
     xtr, ytr = train
     order = torch.randperm(len(xtr), generator=gen)
     calib = [xtr[order[k * args.batch:(k + 1) * args.batch]] for k in range(4)]

@@ -4,7 +4,7 @@ invocation cost, the study's MLflow parent run, and the seeds each (variant, tas
 A run directory holds what the engine wrote (config.yaml, epochs.jsonl, result.json, mlflow_run_id, Ray's
 checkpoints under ray/) and one file of ours, `bench.json` (wall time of each invocation that worked on it).
 Its state (`run_state`):
-- `done`: its MLflow run ended `finished` or `diverged` (tag pcpp.status, run not RUNNING), or, when the
+- `done`: its MLflow run ended `finished`, `diverged` or `refused` (tag pcpp.status, run not RUNNING), or, when the
   process died between the worker's last word and the driver's, its result.json says so: never rerun;
 - `partial`: epochs recorded but not done: fit() resumes from the last epoch's checkpoint;
 - `new`: nothing trained yet.
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DONE = ("finished", "diverged")
+DONE = ("finished", "diverged", "refused")  # refused: the activation guard's, as deterministic as a divergence
 STUDY_FILE = "study.json"
 RUN_RECORD = "bench.json"
 STUDY_TAG = "pcpp.study"
@@ -77,7 +77,7 @@ def parse_extra_seeds(text: str | None, variants: list[str], tasks: list[str], s
 @dataclass(frozen=True)
 class RunState:
     state: str  # done | partial | new
-    status: str | None = None  # finished | diverged (done), or the MLflow run's pcpp.status / failed
+    status: str | None = None  # finished | diverged | refused (done), or the MLflow run's pcpp.status / failed
     epochs: int = 0  # epochs recorded in epochs.jsonl
     run_id: str | None = None  # the MLflow run the directory remembers
     mlflow_open: bool = False  # done by result.json while its MLflow run was never closed

@@ -411,8 +411,11 @@ def _rebuild(manifest: dict, path: Path) -> nn.Module:
         if cls is None or cls.__name__ != cfg["type"]:
             raise ValueError(f"{path}: layer {name} is a {type(m).__name__} in {recipe['name']}, "
                              f"the manifest says {cfg['type']}")
+    from pcpp.calibration import thresholds_set_next
+
     try:
-        model = models.load(recipe, binarize=specs)
+        with thresholds_set_next():  # the manifest's weights carry the thresholds: loaded right after
+            model = models.load(recipe, binarize=specs)
     except ValueError as e:
         raise ValueError(f"{path}: the manifest's binarization does not rebuild {recipe['name']}: {e}") from None
     built = {name: layer.binary_config() for name, layer in binary_layers(model)}

@@ -118,8 +118,8 @@ def cmd_export(args) -> int:
     res = export_run(args.run_dir, args.out, args.precision, args.eval_limit)
     print(res["summary"])
     if res["reloaded_acc"] is None:
-        print(f"no test shards in the run's config (data.test): {args.out} written, its round trip not checked",
-              file=sys.stderr)
+        print(f"no test shards at the run's data.test ({res['test_dir']}): {args.out} written, its round trip not "
+              "checked", file=sys.stderr)
     else:
         exact = "equal the binarized-eval model's" if res["round_trip_error"] == 0 else (
             f"differ from the binarized-eval model's by {res['round_trip_error']:.3g} (largest |difference| / "

@@ -4,7 +4,8 @@ Accuracy table: rows are the variants (the registered quantizers in registry ord
 update rules `pq`, `rpc`, `ptb`), columns the tasks BW, BWA, BWAA that have runs (`transpose=True` gives the
 paper's layout: tasks down, variants across). A cell is the last logged value of the metric (by default
 `binary_acc`, the honest binarized network) in percent: `mean ± std` over seeds (sample std) when there are
-several, `diverged` when every run of the cell diverged, `n/a` when none ran.
+several, `diverged` when every run of the cell diverged, `refused` when the activation guard refused them,
+`n/a` when none ran.
 
 Honesty table: one line per run of the accuracy table (a rerun of a seed replaces it there and here): its
 final honest `binary_acc`, training-forward `forward_acc`, their gap `forward_binary_gap` (forward minus
@@ -42,7 +43,7 @@ from pcpp.tasks import FP as FP_TASK  # runs without binarization: the reference
 from pcpp.tasks import TASKS
 
 RULE_ROWS = ("pq", "rpc", "ptb")  # update rules that replace the pair's role: a row of their own
-REPORTED = ("finished", "diverged")  # run states that belong in the table; running / failed runs do not
+REPORTED = ("finished", "diverged", "refused")  # run states that belong in the table; running / failed ones do not
 HONESTY_METRICS = ("binary_acc", "forward_acc", "forward_binary_gap", "soft_fraction")
 REPORT_TAG = "pcpp.report"  # marks the run that holds the report when the runs share no parent
 PARENT_TAG = "mlflow.parentRunId"
@@ -152,18 +153,22 @@ class Cell:
     values: tuple[float, ...] = ()
     diverged: int = 0
     runs: int = 0
+    refused: int = 0  # runs the activation guard refused before training (stages.activations)
 
     @classmethod
     def of(cls, runs: list[dict]) -> Cell:
         runs = _latest_per_seed(runs)
         values = tuple(100.0 * r["value"] for r in runs if r["status"] == "finished" and r["value"] is not None
                        and math.isfinite(r["value"]))
-        return cls(values, sum(r["status"] == "diverged" for r in runs), len(runs))
+        return cls(values, sum(r["status"] == "diverged" for r in runs), len(runs),
+                   sum(r["status"] == "refused" for r in runs))
 
     @property
     def state(self) -> str:
-        """'value' when some run finished, else 'diverged' when some diverged, else 'n/a'."""
-        return "value" if self.values else ("diverged" if self.diverged else "n/a")
+        """'value' when some run finished, else 'diverged' when some diverged, 'refused' when the activation
+        guard refused them, else 'n/a'."""
+        return "value" if self.values else (
+            "diverged" if self.diverged else ("refused" if self.refused else "n/a"))
 
     @property
     def mean(self) -> float | None:

@@ -103,9 +103,9 @@ def draw(grid, path: str | Path, *, title: str, metric: str = "binary_acc") -> P
                 ax.add_patch(Rectangle((j, i), 1, 1, facecolor=DIVERGED_COLOUR, edgecolor="white", lw=2,
                                        hatch="///"))
                 ax.text(j + 0.5, i + 0.5, "diverged", ha="center", va="center", fontsize=10, color="darkred")
-            else:
+            else:  # n/a, or refused (the activation guard's, before training)
                 ax.add_patch(Rectangle((j, i), 1, 1, facecolor=NA_COLOUR, edgecolor="white", lw=2))
-                ax.text(j + 0.5, i + 0.5, "n/a", ha="center", va="center", fontsize=10, color="0.35")
+                ax.text(j + 0.5, i + 0.5, cell.state, ha="center", va="center", fontsize=10, color="0.35")
     ax.set_xlim(0, max(n_cols, 1))
     ax.set_ylim(max(n_rows, 1), 0)  # first row on top, as in the table
     ax.set_xticks([j + 0.5 for j in range(n_cols)], grid.columns)

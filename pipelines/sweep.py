@@ -162,6 +162,10 @@ class SweepFailed(RuntimeError):
     pass
 
 
+class SweepInterrupted(SweepFailed):
+    """Tune returned with trials unfinished (interrupted): the sweep resumes when rerun."""
+
+
 def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
     """Run the sweep; whatever fails, no MLflow run of it is left RUNNING."""
     base = absolute(base)
@@ -187,12 +191,13 @@ def sweep(cfg: SweepConfig, base: PipelineConfig) -> SweepResult:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / tracking.RUN_ID_FILE).write_text(parent)
     if resuming:
-        print(f"{name}: resuming the sweep in {experiment_dir} (MLflow run {parent})", file=sys.stderr, flush=True)
+        print(f"{name}: resuming the sweep in {experiment_dir} (MLflow run {parent}); trials that failed stay "
+              f"failed (delete that directory to start over)", file=sys.stderr, flush=True)
     run = tracking.Run(uri, parent)
     try:
         result = _run_trials(cfg, base, client, uri, parent, name, prefix, experiment_dir if resuming else None)
     except BaseException as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
+        interrupted = isinstance(e, (KeyboardInterrupt, SweepInterrupted))
         _close_leftovers(client, parent, "KILLED" if interrupted else "FAILED", one_line(e))
         run.finish("KILLED" if interrupted else "FAILED", one_line(e))
         raise
@@ -221,9 +226,10 @@ def _fit_concurrency(cfg: SweepConfig, base: PipelineConfig) -> SweepConfig:
 
 
 def sweep_name(cfg: SweepConfig, base: PipelineConfig) -> str:
-    """`<pipeline>-sweep-<digest>`: the digest covers the base pipeline and what decides the trials (search,
-    searcher, seed, num_samples, epochs, metric, mode, scheduler), not where or how fast they run; so a rerun
-    of the same sweep finds its experiment (and resumes it), and a changed sweep starts its own."""
+    """`<pipeline>-sweep-<digest>`: the digest covers the base pipeline (all of it: PipelineConfig.digest) and
+    what decides the trials (search, searcher, seed, num_samples, epochs, metric, mode, scheduler), not
+    max_concurrent_trials or `out`; so a rerun of the same sweep finds its experiment (and resumes it), and a
+    changed sweep starts its own."""
     decides = {k: v for k, v in dataclasses.asdict(cfg).items()
                if k not in ("pipeline", "overrides", "out", "max_concurrent_trials")}
     blob = json.dumps({"base": base.digest(), "sweep": decides}, sort_keys=True, default=str)
@@ -237,10 +243,11 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
 
     root = base.root_path
     space = spaces(cfg, base)
-    for k, s in space.items():
-        client.log_param(parent, f"search.{k}", s.describe()[:6000])
-    client.log_param(parent, "searcher", cfg.searcher)
-    client.log_param(parent, "search_seed", cfg.seed)
+    if restore is None:  # a resumed sweep's run has them already
+        for k, s in space.items():
+            client.log_param(parent, f"search.{k}", s.describe()[:6000])
+        client.log_param(parent, "searcher", cfg.searcher)
+        client.log_param(parent, "search_seed", cfg.seed)
     # Tune's own searchers, seeded: the same sweep YAML samples the same configs.
     param_space, alg = search_alg(space, cfg.searcher, cfg.seed, cfg.metric, cfg.mode, cfg.max_concurrent_trials)
     setup = {"base": base.to_dict(), "epochs": cfg.epochs, "root": str(root), "tracking_uri": uri,
@@ -269,6 +276,10 @@ def _run_trials(cfg: SweepConfig, base: PipelineConfig, client, uri: str, parent
 def _finish_trials(cfg: SweepConfig, base: PipelineConfig, client, parent: str, name: str, grid) -> SweepResult:
     """Close the trials' MLflow runs, pick the best trial, write the best YAML and the trials summary."""
     root = base.root_path
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:  # Tune returns early on a first Ctrl-C / SIGUSR1: not a result, an interruption
+        raise SweepInterrupted(f"sweep {name} interrupted with {unfinished} of {len(grid)} trials unfinished: "
+                               "rerun the same command to resume it")
     trials = _close_trial_runs(client, parent, grid, cfg, root / "sweeps" / name)
     ok = [t for t in trials if t["status"] in ("finished", "stopped") and _finite(t["metric"])]
     if not ok:
@@ -329,8 +340,8 @@ def _close_trial_runs(client, parent: str, grid, cfg: SweepConfig, sweep_dir: Pa
     for sample, (trial_id, r) in enumerate(_in_order(grid)):
         metrics = r.metrics or {}
         run = runs.get(trial_id)
-        result_file = sweep_dir / trial_id / "result.json" if run else None
-        outcome = json.loads(result_file.read_text()) if result_file and result_file.exists() else {}
+        result_file = sweep_dir / trial_id / "result.json"
+        outcome = json.loads(result_file.read_text()) if result_file.exists() else {}
         epochs = int(outcome.get("epochs_done", metrics.get("epoch", 0)) or 0)
         error = one_line(r.error) if r.error else None
         ended = next((s for s in ("diverged", "refused") if metrics.get(s) or outcome.get("status") == s), None)

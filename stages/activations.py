@@ -42,20 +42,27 @@ def prepare_activations(model, cfg: TrainConfig, loader) -> BalanceReport | None
     return prepare_activations_(model, batches, calibrate=cfg.student is None, strict=False)
 
 
-def refusal(balance: BalanceReport | None, cfg: TrainConfig, device) -> str | None:
-    """The message that ends the run when the guard (activation_guard: error) refuses it on any rank's first
-    batch, else None. Every rank calls it (one all-reduce), so that all of them stop together."""
+def refusal(balance: BalanceReport | None, cfg: TrainConfig, device) -> tuple[str, BalanceReport] | None:
+    """(the message that ends the run, the refusing rank's report) when the guard (activation_guard: error)
+    refuses on any rank's first batch, else None. Every rank calls it (an all-reduce, then an all-gather when
+    some rank refuses), so that all of them stop together and rank 0 can record the refusing rank's table."""
     import torch.distributed as dist
 
     if balance is None or cfg.binarize.activation_guard != "error":
         return None
     flag = torch.tensor([1.0 if balance.refused else 0.0], device=device)
-    if dist.is_available() and dist.is_initialized():
+    ranks = dist.is_available() and dist.is_initialized()
+    if ranks:
         dist.all_reduce(flag)
     if not flag.item():
         return None
-    here = balance.error() if balance.refused else "another worker's first batch has one-sided layers (its log)"
-    return f"refused by the activation guard: {here}"
+    reports = [balance]
+    if ranks:
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, balance if balance.refused else None)
+    rank, report = next((r, b) for r, b in enumerate(reports) if b is not None)
+    where = f" (worker {rank}'s first batch)" if ranks and dist.get_world_size() > 1 else ""
+    return f"refused by the activation guard{where}: {report.error()}", report
 
 
 def activation_placement(model) -> str | None:

@@ -179,7 +179,10 @@ def keyed_dict(obj) -> dict:
             data[fname] = None if q is None else q.state()
         for f in dataclasses.fields(node):
             value = getattr(node, f.name)
-            if f.metadata.get("runtime"):
+            # runtime settings, and an empty field marked omit_empty (binarize.keep_fp: []): keys made before
+            # the field existed stay valid
+            if f.metadata.get("runtime") or (f.metadata.get("omit_empty") and isinstance(value, (list, dict))
+                                             and not value):
                 data.pop(f.name, None)
             elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 drop(value, data[f.name])

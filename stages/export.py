@@ -129,7 +129,8 @@ def export_run(run_dir: str | Path, out: str | Path, precision: str = "fp32", ev
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = pexport.save(model, out, precision=precision)
     test_dir = Path(cfg.data.test) if cfg.data.test else None
-    result = {"summary": summary, "round_trip_error": None, "reloaded_acc": None, "binary_acc": None, "images": 0}
+    result = {"summary": summary, "round_trip_error": None, "reloaded_acc": None, "binary_acc": None, "images": 0,
+              "test_dir": test_dir}
     if test_dir is None or not (test_dir / "manifest.json").exists():
         return result  # nothing to verify on: the caller says so
     x, _ = next(iter(eval_loader(test_dir, cfg.model.name, batch_size=ROUND_TRIP_BATCH)))

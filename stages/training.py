@@ -222,11 +222,11 @@ class TrainingRun:
         model, rule = build_model(cfg)
         self.mark("model build")
         balance = prepare_activations(model, cfg, self.train_loader)
-        self.message = refusal(balance, cfg, get_accelerator().current_device_name()) or ""
-        if self.message:  # the guard refused: its table is kept, nothing trains, Ray does not retry
-            self.status = "refused"
+        refused = refusal(balance, cfg, get_accelerator().current_device_name())
+        if refused:  # the guard refused (on some rank): its table is kept, nothing trains, Ray does not retry
+            self.status, self.message = "refused", refused[0]
             if rank == 0:
-                record_balance(balance, activation_placement(model), self.run_dir, self.tracker, refused=True)
+                record_balance(refused[1], activation_placement(model), self.run_dir, self.tracker, refused=True)
             return
         self.teacher = build_teacher(cfg) if cfg.distill.enabled else None
         optimizer = make_optimizer(cfg, model)

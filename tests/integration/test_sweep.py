@@ -94,7 +94,10 @@ def test_sweep_asha_stops_trials_nests_runs_and_writes_a_runnable_best_config(ti
 
     # The same sweep again resumes its Tune experiment: finished there, so nothing trains, the same trials and
     # figures come back, logged to the same MLflow parent run (a crashed sweep continues the same way).
+    trained = {f: f.stat().st_mtime_ns for f in (tmp_path / "root" / "sweeps").glob("*/*/epochs.jsonl")}
+    assert len(trained) == 4
     again = sweep(*load_sweep(tmp_path / "sweep.yaml"))
+    assert {f: f.stat().st_mtime_ns for f in trained} == trained  # no trial trained again
     assert again.parent_run_id == result.parent_run_id
     same = ("trial_id", "status", "metric", "epochs", "values")
     assert [[t[k] for k in same] for t in again.trials] == [[t[k] for k in same] for t in result.trials]

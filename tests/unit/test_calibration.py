@@ -293,7 +293,7 @@ def test_resnet20_teacher_without_thresholds_is_refused_naming_every_layer(sampl
 
 
 def test_uncalibrated_thresholds_warn_unless_trained_ones_are_loaded(sample, tmp_path):
-    from pcpp import models
+    from pcpp import export, models
     from pcpp.calibration import UncalibratedThresholdsWarning
 
     spec = {"activation": "bnn", "activation_placement": "threshold"}
@@ -305,7 +305,10 @@ def test_uncalibrated_thresholds_warn_unless_trained_ones_are_loaded(sample, tmp
         warnings.simplefilter("error", UncalibratedThresholdsWarning)  # loaded thresholds: nothing to say
         models.load("resnet20", spec, weights=tmp_path / "student.pt")
         binarize_(teacher(), {"activation": "bnn", "activation_placement": "hardtanh"})  # no thresholds
-        binarize_(teacher(), spec, calibration=[sample[0][:64]])  # calibrated and guarded
+        calibrated = teacher()
+        binarize_(calibrated, spec, calibration=[sample[0][:64]])  # calibrated and guarded
+        export.save(calibrated, tmp_path / "r20.safetensors")
+        export.load(tmp_path / "r20.safetensors")  # the file carries the thresholds
 
 
 def test_binarize_with_calibration_batches_calibrates_and_guards(sample):
