@@ -111,7 +111,12 @@ def test_keyed_dict_is_asdict_without_the_runtime_fields():
     # the binarize spec's quantizers as they resolve, so that a new default schedule is a new key
     expected["binarize"]["weight"] = make_quantizer(c.binarize.weight).state()
     assert c.binarize.activation is None and expected["binarize"]["activation"] is None
+    # an empty keep_fp (omit_empty) is left out: keys made before the field existed stay valid
+    assert expected["binarize"].pop("keep_fp") == []
     assert keyed_dict(c) == expected and c.digest() == cfg().digest()
+    kept = cfg()
+    kept.binarize.keep_fp = ["layer1.0"]
+    assert keyed_dict(kept)["binarize"]["keep_fp"] == ["layer1.0"] and kept.digest() != c.digest()
 
 
 def test_a_new_default_schedule_is_a_new_run_directory(monkeypatch):
