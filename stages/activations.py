@@ -14,8 +14,6 @@ from __future__ import annotations
 from itertools import islice
 from pathlib import Path
 
-import torch
-
 from pcpp import layers
 from pcpp.calibration import BalanceReport, prepare_activations_
 from stages.config import TrainConfig
@@ -42,26 +40,23 @@ def prepare_activations(model, cfg: TrainConfig, loader) -> BalanceReport | None
     return prepare_activations_(model, batches, calibrate=cfg.student is None, strict=False)
 
 
-def refusal(balance: BalanceReport | None, cfg: TrainConfig, device) -> tuple[str, BalanceReport] | None:
+def refusal(balance: BalanceReport | None, cfg: TrainConfig) -> tuple[str, BalanceReport] | None:
     """(the message that ends the run, the refusing rank's report) when the guard (activation_guard: error)
-    refuses on any rank's first batch, else None. Every rank calls it (an all-reduce, then an all-gather when
-    some rank refuses), so that all of them stop together and rank 0 can record the refusing rank's table."""
+    refuses on any rank's first batch, else None. Every rank calls it (one all-gather of the refused reports),
+    so that all of them stop together and rank 0 can record the refusing rank's table."""
     import torch.distributed as dist
 
     if balance is None or cfg.binarize.activation_guard != "error":
         return None
-    flag = torch.tensor([1.0 if balance.refused else 0.0], device=device)
-    ranks = dist.is_available() and dist.is_initialized()
-    if ranks:
-        dist.all_reduce(flag)
-    if not flag.item():
-        return None
-    reports = [balance]
-    if ranks:
+    reports = [balance if balance.refused else None]
+    if dist.is_available() and dist.is_initialized():
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, balance if balance.refused else None)
-    rank, report = next((r, b) for r, b in enumerate(reports) if b is not None)
-    where = f" (worker {rank}'s first batch)" if ranks and dist.get_world_size() > 1 else ""
+    refused = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if not refused:
+        return None
+    rank, report = refused[0]
+    where = f" (worker {rank}'s first batch)" if len(reports) > 1 else ""
     return f"refused by the activation guard{where}: {report.error()}", report
 
 

@@ -25,6 +25,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write and close `fig`; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_verdicts(verdicts: list[Verdict], path: str | Path, title: str | None = None) -> Path:
     """One row per verdict: forward F, backward B, and P = int dF/B (T o P overlaid when admissible)."""
     plt = _pyplot()
@@ -55,10 +63,7 @@ def plot_verdicts(verdicts: list[Verdict], path: str | Path, title: str | None =
             ax.set_xlabel("w")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def _step(ax, w, f, color):
@@ -136,10 +141,7 @@ def heatmap(rows: list[dict], path: str | Path, title: str | None = None) -> Pat
         fig.colorbar(image, ax=ax, label="drop (points)", fraction=0.04, pad=0.02)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # -- mixed binarization: accuracy against exported size ---------------------------------------------------
@@ -182,7 +184,4 @@ def frontier(rows: list[dict], path: str | Path, title: str | None = None) -> Pa
     ax.legend(loc="best", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

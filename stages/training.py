@@ -203,7 +203,6 @@ class TrainingRun:
     def setup(self) -> None:
         """Loaders, model, activation calibration, teacher, optimizer, DeepSpeed, rule hooks, resume."""
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
         from stages.data import LoaderConfig, make_loader
 
@@ -222,7 +221,7 @@ class TrainingRun:
         model, rule = build_model(cfg)
         self.mark("model build")
         balance = prepare_activations(model, cfg, self.train_loader)
-        refused = refusal(balance, cfg, get_accelerator().current_device_name())
+        refused = refusal(balance, cfg)
         if refused:  # the guard refused (on some rank): its table is kept, nothing trains, Ray does not retry
             self.status, self.message = "refused", refused[0]
             if rank == 0:
