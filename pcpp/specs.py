@@ -12,7 +12,7 @@ from pcpp.quantizers import Quantizer
 from pcpp.schedules import Schedule, loglinear
 
 # Default schedules of a pair when it binarizes activations (a layer's input), where they differ from the
-# pair's registered ones (which are the weights'). bnn++ on weights: mu log-linear 0.5 -> 30 (pairs.py).
+# pair's registered ones (which are the weights'). bnn++ on weights: mu log-linear 1.25 -> 30.4 (pairs.py).
 # On activations SS'_mu is negative beyond |x| > 2.4 / mu, and every binarized activation multiplies the
 # backward signal of all the layers before it: past mu ~ 10 the chained gradient is carried by the few
 # inputs inside |x| < 0.24 and training stalls, while the honest sign needs no larger mu once the BatchNorm

@@ -1,7 +1,7 @@
 """Forward/backward proximal quantizer pairs (paper eq. (6)-(7), Table 1, Appendix F).
 
     >>> from pcpp import quantizers
-    >>> q = quantizers.get("bnn++")        # mu log-linear 0.5 -> 30
+    >>> q = quantizers.get("bnn++")        # mu log-linear 1.25 -> 30.4
     >>> q.set_progress(0.5).params
     {'mu': 3.872983346207417}
     >>> y = q(w)                           # F(w) forward, grad * B(w) backward

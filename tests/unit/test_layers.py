@@ -203,8 +203,8 @@ def test_set_progress_reaches_every_quantizer():
     assert len(qs) == 4
     pl.set_progress(model, 0.6)
     assert all(q.progress == 0.6 for q in qs)
-    # bnn++'s defaults: log-linear 0.5 -> 30 on weights, 0.5 -> 10 on activations (pcpp.specs)
-    assert model[0].weight_quantizer.params["mu"] == pytest.approx(0.5 * 60.0 ** 0.6)
+    # bnn++'s defaults: log-linear 1.25 -> 30.4 on weights, 0.5 -> 10 on activations (pcpp.specs)
+    assert model[0].weight_quantizer.params["mu"] == pytest.approx(1.25 * (30.4 / 1.25) ** 0.6)
     assert model[0].act_quantizer.params["mu"] == pytest.approx(0.5 * 20.0 ** 0.6)
     assert model[2][0].weight_quantizer.params["rho"] == pytest.approx(0.01 + 0.6 * (10 - 0.01))
 

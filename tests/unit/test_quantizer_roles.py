@@ -1,4 +1,4 @@
-"""A pair's default schedules depend on what it binarizes: bnn++ on activations ramps mu to 10, not 30
+"""A pair's default schedules depend on what it binarizes: bnn++ on activations ramps mu to 10, not 30.4
 (pcpp.specs.ACTIVATION_SCHEDULES); everything a user sets wins."""
 
 import pytest
@@ -15,12 +15,12 @@ pytestmark = pytest.mark.unit
 
 
 def test_bnn_pp_defaults_per_role():
-    assert make_quantizer("bnn++").param_schedules["mu"] == loglinear(0.5, 30.0)
+    assert make_quantizer("bnn++").param_schedules["mu"] == loglinear(1.25, 30.4)
     assert make_quantizer("bnn++", "activation").param_schedules["mu"] == loglinear(0.5, 10.0)
     assert default_schedules("bnn++", "activation") == {"mu": loglinear(0.5, 10.0)}
-    # at the end of training the activation pair sits at mu 10, the weight pair at 30
+    # at the end of training the activation pair sits at mu 10, the weight pair at 30.4
     assert make_quantizer("bnn++", "activation").set_progress(1.0).params["mu"] == pytest.approx(10.0)
-    assert make_quantizer("bnn++").set_progress(1.0).params["mu"] == pytest.approx(30.0)
+    assert make_quantizer("bnn++").set_progress(1.0).params["mu"] == pytest.approx(30.4)
 
 
 def test_pairs_without_an_activation_default_are_the_same_in_both_roles():
@@ -44,7 +44,7 @@ def test_unknown_role_is_refused():
 
 def test_layers_and_surgery_use_the_activation_default():
     layer = BinaryConv2d(3, 4, 3, weight_quantizer="bnn++", act_quantizer="bnn++")
-    assert layer.weight_quantizer.param_schedules["mu"] == loglinear(0.5, 30.0)
+    assert layer.weight_quantizer.param_schedules["mu"] == loglinear(1.25, 30.4)
     assert layer.act_quantizer.param_schedules["mu"] == loglinear(0.5, 10.0)
     model = models.create("resnet20")
     binarize_(model, tasks.spec("BWA", "bnn++", "bnn++"))
@@ -57,4 +57,4 @@ def test_layers_and_surgery_use_the_activation_default():
 def test_the_cli_shows_the_activation_default(capsys):
     assert main(["quantizers"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("bnn++ "))
-    assert "loglinear 0.5 -> 30" in row and "loglinear 0.5 -> 10" in row
+    assert "loglinear 1.25 -> 30.4" in row and "loglinear 0.5 -> 10" in row

@@ -94,7 +94,7 @@ DEFAULT_PARAMS = {
     "pc": lambda p: {"rho": 0.01 + p * (10.0 - 0.01), "varrho": 0.0},
     "bnn": lambda p: {},
     "bnn+": lambda p: {"mu": 5.0},
-    "bnn++": lambda p: {"mu": 0.5 * 60.0 ** p},  # log-linear 0.5 -> 30 (pairs.BNNPlusPlus: why not 5 -> 30)
+    "bnn++": lambda p: {"mu": 1.25 * (30.4 / 1.25) ** p},  # log-linear 1.25 -> 30.4 (pairs.BNNPlusPlus: why)
     "poly": lambda p: {},
     "poly+": None,  # "k increased so that F -> sign": the ramp's end is the library's; see test_poly_plus_k
     "rbnn": lambda p: {"t": _rbnn_t(p), "k": max(1.0 / _rbnn_t(p), 1.0)},
@@ -268,8 +268,8 @@ def test_call_applies_the_pair(name, progress):
 # ---- schedules and parameters --------------------------------------------------------------------------
 
 def test_set_progress_moves_schedules():
-    q = get("bnn++")  # log-linear 0.5 -> 30 (pairs.BNNPlusPlus says why not the paper's linear 5 -> 30)
-    assert [q.set_progress(p).params["mu"] for p in (0, 0.5, 1)] == pytest.approx([0.5, 15.0 ** 0.5, 30.0])
+    q = get("bnn++")  # log-linear 1.25 -> 30.4 (pairs.BNNPlusPlus says why not the paper's linear 5 -> 30)
+    assert [q.set_progress(p).params["mu"] for p in (0, 0.5, 1)] == pytest.approx([1.25, (1.25 * 30.4) ** 0.5, 30.4])
     pc = get("pc")
     assert [pc.set_progress(p).params["rho"] for p in (0, 0.5, 1)] == pytest.approx([0.01, 5.005, 10.0])
     ede = get("ede")

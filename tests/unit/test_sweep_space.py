@@ -114,7 +114,7 @@ def test_values_reach_the_spec_in_its_mapping_form_and_only_the_searched_fields_
     d = apply_values(base, {"binarize.weight.mu.end": 12.0, "binarize.activation.mu.kind": "linear",
                             "train.algorithm.params.rho.start": 0.5, "train.optim.lr": 0.01,
                             "binarize.weight.mu.start|linear": 99.0})  # a case's own draw is not a value
-    assert d["binarize"]["weight"] == {"name": "bnn++", "mu": {"kind": "loglinear", "start": 0.5, "end": 12.0}}
+    assert d["binarize"]["weight"] == {"name": "bnn++", "mu": {"kind": "loglinear", "start": 1.25, "end": 12.0}}
     assert d["binarize"]["activation"] == {"name": "bnn++", "mu": {"kind": "linear", "start": 0.5, "end": 10.0}}
     assert d["train"]["algorithm"]["params"] == {"rho": {"kind": "linear", "start": 0.5, "end": 10.0}}
     assert d["train"]["optim"]["lr"] == 0.01 and base["binarize"]["weight"] == "bnn++"  # the base is not changed

@@ -11,6 +11,7 @@ from torch import nn
 
 from pcpp import models, quantizers
 from pcpp.layers import BinaryConv2d, BinaryLinear, binary_eval
+from pcpp.specs import make_quantizer
 from pcpp.surgery import binarize_
 
 pytestmark = pytest.mark.unit
@@ -40,7 +41,7 @@ def layer_and_input(kind: str, act, dtype=torch.float64, **spec):
 @pytest.mark.parametrize("name", PAIRS)
 def test_pair_acts_on_x_minus_beta(kind, name):
     layer, x, beta = layer_and_input(kind, name)
-    q = quantizers.get(name)
+    q = make_quantizer(name, "activation")  # the layer's input pair, with the activation defaults
     x = x.requires_grad_(True)
     seen = {}
     op = layer._op
