@@ -17,6 +17,10 @@ Measured (--steps 10 --batch 128 --threads 2 --kernels auto reference, 2 shared 
 min ratio over rounds, fused (auto) / unfused (reference)): ResNet-20 BW 1.06 / 1.06, BWA 1.20 / 1.56, BWAA
 1.31 / 1.85; DeiT-T BW 1.00 / 1.02, BWA 1.13 / 1.37, BWAA 1.20 / 1.62. With --threads 1 (no core to wait for):
 ResNet-20 BW 0.98, BWA 1.10, BWAA 1.14; DeiT-T BW 1.03, BWA 1.13, BWAA 1.21.
+With bnn++'s tanh through exp in compiled CPU kernels (pcpp.quantizers.functions.tanh; --steps 10, 2 threads, the
+machine's other job paused, load average 2-3, min ratio auto / reference): ResNet-20 BW 1.01 / 1.04, BWA 1.17 /
+1.54, BWAA 1.22 / 1.77; DeiT-T BW 1.01 / 1.04, BWA 1.11 / 1.47, BWAA 1.20 / 1.76. The same conditions just
+before that change: ResNet-20 1.04, 1.21, 1.31; DeiT-T 1.01, 1.17, 1.25.
 """
 
 from __future__ import annotations

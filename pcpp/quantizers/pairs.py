@@ -246,7 +246,7 @@ class EDEPlus(Quantizer):
 
     @staticmethod
     def forward_fn(w, t, k):
-        return k * torch.tanh(t * w)
+        return k * fn.tanh(t * w)
 
     @staticmethod
     def backward_fn(w, t, k):

@@ -302,3 +302,21 @@ def test_bad_inputs_raise_and_do_not_disable_compiling(monkeypatch):
     with kernels.using("compile"), pytest.raises(RuntimeError):
         q.apply_pair(torch.zeros(3, 4), shift=torch.zeros(5))
     assert kernels.compile_failures() == {}
+
+
+def test_tanh_by_exp_is_within_two_ulp_of_tanh_and_eager_tanh_is_torch_tanh():
+    from pcpp.quantizers import functions as fn
+
+    x64 = torch.cat([torch.linspace(-12.0, 12.0, 200_001, dtype=torch.float64),
+                     torch.logspace(-30, 1, 2_001, dtype=torch.float64)])
+    x64 = torch.cat([x64, -x64, torch.tensor([0.2, -0.2, 0.19999999, 0.20000001], dtype=torch.float64)])
+    x = x64.float()
+    exact = torch.tanh(x.double())  # tanh of the float32 inputs, in float64
+    rel = ((fn.tanh_by_exp(x).double() - exact).abs() / exact.abs().clamp_min(1e-300)).max().item()
+    assert rel < 2.5e-7  # 2 ulp of float32 (torch.tanh's own: 6e-8)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40])
+    out = fn.tanh_by_exp(special)
+    assert out[:4].tolist() == [0.0, 0.0, 1.0, -1.0] and torch.signbit(out[1]) and torch.isnan(out[4])
+    assert out[5].item() == pytest.approx(1e-40, rel=1e-6)
+    # outside a compile trace (the reference and eager paths): torch.tanh itself, in every dtype
+    assert torch.equal(fn.tanh(x), torch.tanh(x)) and torch.equal(fn.tanh(x64), torch.tanh(x64))
