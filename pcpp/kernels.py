@@ -5,7 +5,8 @@ forward and backward as plain torch functions of tensors and floats. Run eagerly
 the tensor with a full-size temporary; compiled (torch.compile, Inductor's C++ or Triton code), a function is
 one vectorized loop. Measured on a ResNet-20 activation (128x16x32x32, one thread): the bnn++ pair's forward
 and backward 5.5 ms compiled (bound by its tanh), against 1.4 ms for ReLU's; ResNet-20 BWA's training step went
-from 1.56x to 1.20x full precision's, BWAA's from 1.85x to 1.31x (bench/layers.py, 2 threads, shared CPU).
+from 1.56x to 1.20x full precision's, BWAA's from 1.85x to 1.31x (bench/layers.py, 2 threads, shared CPU), and to
+1.17x and 1.22x with tanh through exp in compiled CPU kernels (pcpp.quantizers.functions.tanh).
 Compiled values differ from eager ones by rounding only (Inductor's tanh is not ATen's by an ulp), within
 1e-6 plus the float32 formulas' own rounding (tests/integration/test_fused_compiled.py).
 
