@@ -221,7 +221,8 @@ def resolve(policy: dict | list, rows: list[dict], model: nn.Module, spec: Binar
         if k > most:
             why = (f"more than the {n} blocks of the sensitivity scan" if k > n else
                    "every block of the sensitivity scan, which leaves no layer binarized (the full-precision model)")
-            raise ValueError(f"keep_fp from_sensitivity {k} is {why} ({', '.join(ranking)}); valid: 0 to {most}")
+            every = f"; {most + 1} would leave no layer binarized" if most < n and k > n else ""
+            raise ValueError(f"keep_fp from_sensitivity {k} is {why} ({', '.join(ranking)}); valid: 0 to {most}{every}")
         chosen, budget = k, None
     else:
         prices = [pricer(i) for i in range(most + 1)]
@@ -237,7 +238,7 @@ def resolve(policy: dict | list, rows: list[dict], model: nn.Module, spec: Binar
             size, fp32 = min(prices)
             raise ValueError(f"keep_fp {key} {policy[key]} cannot be met: the smallest export of this spec is "
                              f"{size} bytes at {precision} ({fp32 / size:.2f}x smaller than fp32, with no block "
-                             f"kept); a budget_bytes of at least {size} or a budget_ratio of at most "
-                             f"{fp32 / size:.2f} can")
+                             f"kept): give a budget_bytes of at least {size} or a budget_ratio of at most "
+                             f"{fp32 / size:.2f}")
         chosen = max(fits)
     return pricer.decision(policy, by, chosen, budget)

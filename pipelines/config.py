@@ -258,6 +258,21 @@ class PipelineConfig(ConfigDocument):
         get(name)  # an unknown name: ValueError listing the stages
         return self.stage_configs()[name]
 
+    def check_keep_fp(self) -> None:
+        """binarize.keep_fp and every frontier point, checked on the meta-device model before any stage runs
+        (stages.mixed.check_policies): K beyond the model's blocks, a budget no export meets, patterns that
+        match no layer are refused at once, not after the stages before them have trained."""
+        from stages.mixed import check_policies
+
+        configs = self.stage_configs()
+        train = configs["train"]
+        spec = train.binarize
+        policies = [("binarize.keep_fp", spec.keep_fp)] if spec is not None and spec.keep_fp else []
+        if self.frontier.enabled:
+            policies += [(f"frontier point {label}", policy) for label, policy in configs["frontier"].points()]
+        if policies:
+            check_policies(train, policies, self.export.precision, self.sensitivity.blocks)
+
     def check_files(self) -> None:
         """Every input file named by the config exists: fail before any stage starts."""
         missing = []

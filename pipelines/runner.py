@@ -77,6 +77,7 @@ def run(pc: PipelineConfig, *, log: bool = True, only: list[str] | None = None,
     """
     pc = absolute(pc)
     pc.check_files()
+    pc.check_keep_fp()
     root = pc.root_path
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(root, pc.tracking.tracking_uri)

@@ -52,7 +52,7 @@ def run_stage(name: str, config, ctx: StageContext, inputs: dict[str, Artifact],
     label = label or name
     key = stage_key(name, config, inputs)
     hit = cached(ctx.root, name, key)
-    ctx = dataclasses.replace(ctx, extra={**ctx.extra, "key": key})
+    ctx = dataclasses.replace(ctx, extra={**ctx.extra, "key": key, "label": label})  # label: its training run's name
     ctx.run_id = _child_run(ctx, name, key, hit is not None, label, tags or {})
     if hit is not None:
         _end_child(ctx, "FINISHED", hit)

@@ -93,7 +93,7 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
     """Train and export every point (cached as train / export stages), then the CSV and the plot."""
     from pcpp.export import size_summary
     from stages.execute import run_stage
-    from stages.mixed import decide, meta_model, with_keep_fp
+    from stages.mixed import meta_model, with_keep_fp
     from stages.plots import frontier as plot_frontier
     from stages.tracking import log_to_run
 
@@ -110,13 +110,19 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
     train_inputs = {k: inputs[k] for k in ("data", "teacher", "pretrain") if k in inputs}  # the train stage's
     # the points' stages nest under the frontier's MLflow run; their trainings too
     point_ctx = dataclasses.replace(ctx, parent_run_id=ctx.run_id or ctx.parent_run_id, run_id=None)
-    decisions = [(label, policy, decide(cfg.training, inputs, policy, cfg.export.precision))
+    decisions = [(label, policy, _decide(cfg, inputs, label, policy))
                  for label, policy in cfg.points()]  # every point resolved (and refused) before any training
     fp32_bytes = size_summary(meta_model(cfg.training.model)).fp32_bytes
     rows = [_fp_row(inputs["teacher"], len(decisions[0][2].ranking), fp32_bytes)]
     done: dict[tuple, tuple[Artifact, Artifact]] = {}
+    labels: dict[str, tuple] = {}  # point -> its blocks
     for label, policy, decision in decisions:
         blocks = tuple(decision.blocks)
+        same = next((other for other, b in labels.items() if b == blocks), None)
+        print(f"frontier point {label}: keeps {', '.join(blocks) or 'no block'} in full precision (export "
+              f"{decision.predicted_bytes:,} bytes predicted, {decision.predicted_ratio:.1f}x smaller than fp32)"
+              + (f", the blocks of {same}: trained once" if same else ""), flush=True)
+        labels[label] = blocks
         if blocks not in done:
             tags = {"pcpp.frontier.point": label, "pcpp.frontier.blocks": ",".join(blocks)}
             trained, _ = run_stage("train", with_keep_fp(cfg.training, base + list(blocks)), point_ctx, train_inputs,
@@ -144,6 +150,11 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
              f"{cfg.export.precision}\nK most sensitive blocks kept in full precision (ranked by "
              f"{decisions[0][2].by})")
     plot_frontier(rows, out / PNG_NAME, title=title)
+    for r in rows:  # the table in the console too (fp32: the teacher's accuracy; points: the exported file's)
+        acc = f"{float(r['accuracy']):.4f}" if r["accuracy"] != "" else "n/a"
+        kept = f", kept {r['blocks'].replace(';', ', ')}" if r["kind"] == "binary" and r["blocks"] else ""
+        print(f"frontier {r['point']}: {int(r['file_bytes']):,} bytes ({float(r['ratio_to_fp32']):.1f}x smaller), "
+              f"honest accuracy {acc}{kept}", flush=True)
     metrics = {"points": len(rows) - 1, "fp_accuracy": rows[0]["accuracy"], "fp_bytes": fp32_bytes,
                "binary_accuracy": rows[1]["accuracy"], "binary_bytes": rows[1]["file_bytes"]}
     for r in rows[1:]:
@@ -151,6 +162,16 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
         metrics[f"file_bytes.{_slug(r['point'])}"] = r["file_bytes"]
     log_to_run(ctx, files=[out / CSV_NAME, out / PNG_NAME])
     return metrics
+
+
+def _decide(cfg: FrontierConfig, inputs: dict[str, Artifact], label: str, policy: dict):
+    """stages.mixed.decide for one point; its refusal names the point (pipelines.config checks most before)."""
+    from stages.mixed import decide
+
+    try:
+        return decide(cfg.training, inputs, policy, cfg.export.precision)
+    except ValueError as e:
+        raise ValueError(f"frontier point {label}: {e}") from None
 
 
 def _qname(spec) -> str:

@@ -25,7 +25,8 @@ from stages.config import TrainConfig
 
 KEEP_FP_FILE = "keep_fp.json"
 
-__all__ = ["KEEP_FP_FILE", "decide", "meta_model", "policy_inputs", "run_pretrain", "run_train", "with_keep_fp"]
+__all__ = ["KEEP_FP_FILE", "check_policies", "decide", "meta_model", "policy_inputs", "run_pretrain", "run_train",
+           "with_keep_fp"]
 
 
 def policy_inputs(cfg: TrainConfig) -> dict[str, str]:
@@ -65,6 +66,26 @@ def decide(cfg: TrainConfig, inputs: dict[str, Artifact], policy=None, precision
                              "sensitivity stage, or give keep_fp as module-name patterns")
         rows = read_csv(inputs["sensitivity"].file(CSV_NAME))
     return resolve(policy, rows, meta_model(cfg.model), cfg.binarize, precision)
+
+
+def check_policies(cfg: TrainConfig, policies: list[tuple[str, object]], precision: str | None = None,
+                   blocks: list[str] | None = None) -> None:
+    """Refuse, before any stage runs, what a keep_fp policy or pattern list would be refused for once the
+    sensitivity scan is there but does not depend on its figures: K beyond the blocks (or every block, leaving
+    nothing binarized), a budget that not even the fully binarized export meets, patterns that match no layer.
+    `policies`: (where, policy) pairs, `where` prefixes the error (e.g. "frontier point K=20"); `blocks`: the
+    blocks the scan will rank (default: all of the model's, pcpp.sensitivity.blocks). ValueError as
+    pcpp.mixed.resolve raises it, prefixed."""
+    from pcpp.sensitivity import blocks as model_blocks
+
+    model = meta_model(cfg.model)
+    names = blocks or model_blocks(model)
+    rows = [{"block": b, "params_binarized": 0, "drop_bat": 0.0} for b in names]  # any order: none is ranked
+    for where, policy in policies:
+        try:
+            resolve(policy, rows, model, cfg.binarize, precision)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def with_keep_fp(cfg: TrainConfig, blocks: list[str]) -> TrainConfig:

@@ -41,7 +41,8 @@ def bind(cfg: TrainConfig, inputs: dict[str, Artifact], ctx: StageContext, stage
 def run_engine(cfg: TrainConfig, ctx: StageContext, *, stage: str):
     """Train `cfg` (bound) in the stage's work directory (a rerun resumes there); (TrainResult, trained model)."""
     run_dir = work_dir(ctx.root, stage, ctx.extra["key"]) / "run"
-    result = fit(cfg, run_dir=run_dir, parent_run_id=ctx.parent_run_id, run_name=f"{stage} (training)",
+    name = f"{ctx.extra.get('label') or stage} (training)"  # a frontier point's: "frontier K=1 train (training)"
+    result = fit(cfg, run_dir=run_dir, parent_run_id=ctx.parent_run_id, run_name=name,
                  fail_after_epoch=ctx.extra.get("fail_after_epoch"))
     if result.status == "refused":  # before any training: no checkpoint to speak of
         raise StageFailed(f"{stage}: {result.message} (table: {run_dir / 'activation_balance.txt'})")

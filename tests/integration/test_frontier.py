@@ -90,6 +90,11 @@ def test_a_two_point_frontier_through_pcpp_run(tiny_shards, tmp_path):
     assert points["K=1", "train"].data.tags["pcpp.cached"] == "false"
     assert points["K=1", "train"].data.params["keep_fp.blocks"] == most
     assert points["K=1", "export"].data.metrics["size_vs_prediction"] == 0.0
+    # the point's training run says which point it is (the pipeline's own: "train (training)")
+    names = {r.data.tags.get("mlflow.runName") for r in runs}
+    assert "frontier K=1 train (training)" in names and "train (training)" in names, names
+    assert f"frontier point K=1: keeps {most} in full precision" in console, console
+    assert "frontier K=1: " in console and "honest accuracy" in console, console
 
     # The same pipeline with the policy in its train stage: data, teacher and scan cached, train resolves it
     console = pcpp_run(config, "frontier.enabled=false", "binarize.keep_fp.from_sensitivity=1")
