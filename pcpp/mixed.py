@@ -139,6 +139,11 @@ class KeepDecision:
         """fp32 bytes / predicted file bytes (the export's ratio_to_fp32)."""
         return self.fp32_bytes[len(self.blocks)] / self.predicted_bytes
 
+    def describe(self) -> str:
+        """One line for a console: what is kept and what the export is predicted to cost."""
+        return (f"keeps {', '.join(self.blocks) or 'no block'} in full precision (export {self.predicted_bytes:,} "
+                f"bytes predicted, {self.predicted_ratio:.1f}x smaller than fp32)")
+
     def to_dict(self) -> dict:
         return {**asdict(self), "predicted_bytes": self.predicted_bytes, "predicted_ratio": self.predicted_ratio}
 

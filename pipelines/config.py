@@ -264,6 +264,8 @@ class PipelineConfig(ConfigDocument):
         match no layer are refused at once, not after the stages before them have trained."""
         from stages.mixed import check_policies
 
+        if not self.binarize.keep_fp and not self.frontier.enabled:  # nothing to check: no config built
+            return
         configs = self.stage_configs()
         train = configs["train"]
         spec = train.binarize

@@ -115,14 +115,12 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
     fp32_bytes = size_summary(meta_model(cfg.training.model)).fp32_bytes
     rows = [_fp_row(inputs["teacher"], len(decisions[0][2].ranking), fp32_bytes)]
     done: dict[tuple, tuple[Artifact, Artifact]] = {}
-    labels: dict[str, tuple] = {}  # point -> its blocks
+    first: dict[tuple, str] = {}  # blocks -> the first point that keeps them
     for label, policy, decision in decisions:
         blocks = tuple(decision.blocks)
-        same = next((other for other, b in labels.items() if b == blocks), None)
-        print(f"frontier point {label}: keeps {', '.join(blocks) or 'no block'} in full precision (export "
-              f"{decision.predicted_bytes:,} bytes predicted, {decision.predicted_ratio:.1f}x smaller than fp32)"
-              + (f", the blocks of {same}: trained once" if same else ""), flush=True)
-        labels[label] = blocks
+        same = first.setdefault(blocks, label)
+        print(f"frontier point {label}: {decision.describe()}"
+              + (f", the blocks of {same}: trained once" if same != label else ""), flush=True)
         if blocks not in done:
             tags = {"pcpp.frontier.point": label, "pcpp.frontier.blocks": ",".join(blocks)}
             trained, _ = run_stage("train", with_keep_fp(cfg.training, base + list(blocks)), point_ctx, train_inputs,

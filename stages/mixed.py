@@ -110,9 +110,7 @@ def _run(stage: str, cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, c
     decision = decide(cfg, inputs)
     if decision is not None and is_keep_fp_policy(cfg.binarize.keep_fp):
         cfg = with_keep_fp(cfg, decision.blocks)
-        print(f"stage {stage}: keep_fp {decision.policy} keeps {', '.join(decision.blocks) or 'no block'} in full "
-              f"precision (export {decision.predicted_bytes:,} bytes predicted, {decision.predicted_ratio:.1f}x "
-              "smaller than fp32)", flush=True)
+        print(f"stage {stage}: keep_fp {decision.policy} {decision.describe()}", flush=True)
     run = train.run_pretrain if stage == "pretrain" else train.run_train
     metrics = run(cfg, inputs, out, ctx)
     return {**metrics, **record(decision, out, ctx)}
