@@ -45,7 +45,7 @@ from stages.config import (
 from stages.data.stage import DataStageConfig
 from stages.export import ExportConfig
 from stages.frontier import FrontierConfig
-from stages.schema import renamed
+from stages.schema import located, renamed
 from stages.sensitivity import SensitivityConfig
 from stages.teacher import SOURCES as TEACHER_SOURCES
 from stages.teacher import TeacherConfig
@@ -298,4 +298,4 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     try:
         return absolute(build(PipelineConfig, data))
     except ConfigError as e:
-        raise ConfigError([f"{path}: {e}"]) from None
+        raise located(path, overrides, e) from None

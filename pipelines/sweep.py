@@ -34,7 +34,7 @@ from pipelines.config import PipelineConfig, load_pipeline
 from pipelines.runner import run as run_pipeline
 from pipelines.sweep_space import SEARCHERS, Space, apply_values, parse_search, search_alg, trial_values
 from stages import tracking
-from stages.config import PATH, ConfigError, absolute, apply_overrides, build, read_yaml
+from stages.config import PATH, ConfigError, absolute, apply_overrides, build, located, read_yaml
 from stages.engine import EPOCH_METRICS
 from stages.storage import FAULT_ENV, restarts
 from stages.tracking import one_line
@@ -92,7 +92,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     try:
         sweep = absolute(build(SweepConfig, data))
     except ConfigError as e:
-        raise ConfigError([f"{path}: {e}"]) from None
+        raise located(path, overrides, e) from None
     if not sweep.pipeline:
         raise ValueError(f"{path}: 'pipeline' (the base pipeline YAML) is required")
     base = load_pipeline(sweep.pipeline, list(sweep.overrides))

@@ -31,6 +31,7 @@ from stages.schema import (  # noqa: F401  (re-exported: the pipeline and sweep 
     absolute,
     apply_overrides,
     build,
+    located,
     read_yaml,
     renamed,
 )
@@ -261,5 +262,5 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         cfg = build(TrainConfig, data)
         cfg.validate_inputs()
     except ValueError as e:
-        raise ConfigError([f"{path}: {e}"]) from None
+        raise located(path, overrides, e) from None
     return absolute(cfg)

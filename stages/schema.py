@@ -130,6 +130,31 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+def located(path: str | Path, overrides: list[str] | None, error: ValueError) -> ConfigError:
+    """`error`'s messages prefixed with where the value came from: the command-line override that set the
+    key a message names (`override 'frontier.keep=[9]': ...`; a key's value is the override's once one sets
+    it, so an error about it or below it is the override's), else the file (`PATH: ...`, as one block)."""
+    errors = error.errors if isinstance(error, ConfigError) else [str(error)]
+    sources = [_override_of(message, overrides or []) for message in errors]
+    if not any(sources):
+        return ConfigError([f"{path}: {error}"])
+    return ConfigError([f"{source or path}: {message}" for source, message in zip(sources, errors)])
+
+
+def _override_of(message: str, overrides: list[str]) -> str | None:
+    """The last override whose key (or a key below it) the message names before any `;` (the valid keys
+    follow it), or whose key below its section starts the message (a section's own checks say `keep_fp ...`,
+    not `binarize.keep_fp ...`); None when none does."""
+    head = message.split(";")[0]  # not the list of valid keys after it
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        below = key.split(".", 1)[1] if "." in key else None
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", head) or (
+                below and re.match(rf"{re.escape(below)}(?!\w)", head)):
+            return f"override {item!r}"
+    return None
+
+
 # -- binding to dataclasses --------------------------------------------------------------------------------
 _FAILED = object()
 _SCALAR_TYPES = (bool, int, float, str)

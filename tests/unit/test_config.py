@@ -219,3 +219,30 @@ def test_the_demo_configs_commented_bwa_variant_is_a_valid_config(tmp_path):
     (tmp_path / "bwaa.yaml").write_text("\n".join(body + variant[:1] + [variant[1][:-1] + ", accumulator_bits: 8}"])
                                         + "\n")
     assert load_pipeline(tmp_path / "bwaa.yaml").binarize.accumulator_bits == 8
+
+
+def test_an_error_about_an_overridden_key_names_the_override_not_the_file(tmp_path):
+    from stages.config import ConfigError
+
+    path = write(tmp_path, "init: random\noptim: {lr: 0.01, bogus: 2}\n")
+    with pytest.raises(ConfigError) as err:  # one from the override, one from the file: each says where
+        load_config(path, ["optim.epochs=1.5", "name=ok"])
+    override, file = sorted(err.value.errors, key=lambda e: not e.startswith("override"))
+    assert override == "override 'optim.epochs=1.5': optim.epochs: expected an integer, got '1.5'"
+    assert file.startswith(f"{path}: unknown key optim.bogus; valid keys: ")  # lists epochs: still the file's
+    with pytest.raises(ConfigError, match=r"^override 'optim.wat=1': unknown key optim.wat"):
+        load_config(write(tmp_path, "init: random\n", "d.yaml"), ["optim.wat=1"])
+    with pytest.raises(ConfigError) as err:  # a file's error stays the file's, overrides or not
+        load_config(path, ["optim.lr=0.1"])
+    assert str(err.value).startswith(f"{path}: unknown key optim.bogus")
+
+
+def test_a_pipeline_override_is_named_for_its_section_checks_too():
+    from pipelines.config import load_pipeline
+    from stages.config import ConfigError
+
+    yaml_path = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "frontier_resnet20.yaml"
+    with pytest.raises(ConfigError, match=r"^override 'binarize.keep_fp=\{from_sensitivity: -1\}': keep_fp "):
+        load_pipeline(yaml_path, ["binarize.keep_fp={from_sensitivity: -1}"])  # the section says keep_fp
+    with pytest.raises(ConfigError, match=r"^override 'frontier.foo=1': unknown key frontier.foo"):
+        load_pipeline(yaml_path, ["name=x", "frontier.foo=1"])
