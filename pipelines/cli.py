@@ -80,7 +80,8 @@ def cmd_check(args) -> int:
 def cmd_prepare(args) -> int:
     from stages.data import prepare
 
-    manifest = prepare(args.src, args.out, shard_size=args.shard_size, skip_corrupt=args.skip_corrupt)
+    manifest = prepare(args.src, args.out, shard_size=args.shard_size, skip_corrupt=args.skip_corrupt,
+                       limit_per_class=args.limit_per_class, split=args.split)
     skipped = manifest.get("skipped") or []
     print(f"wrote {len(manifest['shards'])} shards, {manifest['num_samples']} images, "
           f"{len(manifest['classes'])} classes to {args.out}"
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output shard directory")
     p.add_argument("--shard-size", type=int, default=5000, help="images per shard (default 5000)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable images (counted) instead of failing")
+    p.add_argument("--limit-per-class", type=int, metavar="N",
+                   help="keep the first N images of each class (by name): a small set for a quick run")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="which batches of a CIFAR python-batch directory (default train); other sources ignore it")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="one training run (FT or E2E) from a YAML config, on Ray Train + DeepSpeed")

@@ -267,3 +267,16 @@ def test_scratch_copy_is_removed(tmp_path):
     data.prepare(archive, tmp_path / "out", progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "shard-000000.tar"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_samples"] == 7
+
+
+def test_pcpp_prepare_keeps_n_images_per_class_and_refuses_a_bad_limit(tmp_path, capsys):
+    from pipelines.cli import main
+
+    root = _write_folder(tmp_path / "tree", _files())
+    assert main(["prepare", str(root), str(tmp_path / "out"), "--limit-per-class", "1", "--shard-size", "2"]) == 0
+    assert "3 images, 3 classes" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["limit_per_class"] == 1 and manifest["num_samples"] == 3
+    assert sorted(s["label"] for s in data.read_samples(tmp_path / "out")) == [0, 1, 2]
+    assert main(["prepare", str(root), str(tmp_path / "bad"), "--limit-per-class", "0"]) == 2
+    assert "limit_per_class must be positive, not 0" in capsys.readouterr().err
