@@ -94,12 +94,15 @@ def with_keep_fp(cfg: TrainConfig, blocks: list[str]) -> TrainConfig:
 
 
 def record(decision: KeepDecision | None, out: Path, ctx: StageContext) -> dict:
-    """keep_fp.json in `out`, params to the stage's run; the metrics to add to the stage's ({} without one)."""
+    """keep_fp.json in `out` and in the stage's MLflow run with its params; the metrics to add to the stage's
+    ({} without one)."""
     if decision is None:
         return {}
-    (Path(out) / KEEP_FP_FILE).write_text(json.dumps(decision.to_dict(), indent=1))
-    log_to_run(ctx, params={"keep_fp.policy": json.dumps(decision.policy), "keep_fp.blocks": ",".join(decision.blocks),
-                            "keep_fp.precision": decision.precision})
+    path = Path(out) / KEEP_FP_FILE
+    path.write_text(json.dumps(decision.to_dict(), indent=1))
+    log_to_run(ctx, files=[path], params={"keep_fp.policy": json.dumps(decision.policy),
+                                          "keep_fp.blocks": ",".join(decision.blocks),
+                                          "keep_fp.precision": decision.precision})
     return {"keep_fp_count": len(decision.blocks), "keep_fp_blocks": ",".join(decision.blocks),
             "keep_fp_predicted_bytes": decision.predicted_bytes, "keep_fp_predicted_ratio": decision.predicted_ratio}
 

@@ -170,11 +170,13 @@ def test_the_export_stage_records_the_kept_blocks_and_its_size_against_the_predi
     spec = {"keep_fp": decision.blocks}
     binarize_(model, spec)
     save_model(train_out, model, model.pcpp_recipe, spec)
-    trained = record(decision, train_out, StageContext(root=tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train_run = tracking.start_run(uri, "keep-fp", tmp_path / "mlartifacts", run_name="train")
+    trained = record(decision, train_out, StageContext(root=tmp_path, tracking_uri=uri, run_id=train_run.run_id))
     assert trained["keep_fp_blocks"] == "layer1.0" and json.loads((train_out / KEEP_FP_FILE).read_text())["blocks"]
+    assert [a.path for a in train_run.client.list_artifacts(train_run.run_id)] == [KEEP_FP_FILE]  # in the UI too
     inputs = {"data": commit(tmp_path, "data", "d0", {}, {}, data_out, {}, time.time()),
               "train": commit(tmp_path, "train", "t0", {}, {}, train_out, trained, time.time())}
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = tracking.start_run(uri, "keep-fp", tmp_path / "mlartifacts", run_name="export")
     out = tmp_path / "out-export"
     out.mkdir()
