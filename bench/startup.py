@@ -35,8 +35,18 @@ After (this script; the store made beforehand):
     wall 347.8 s, epoch 190.0 s, fixed 157.8 s (eval 112.3, rest 45.5): wall / epoch 1.83.
     ... data.eval_limit=2000 algorithm.bn_recalibration_batches=10 (a lighter evaluation):
     eval 22.67 (BatchNorm 7.56), rest 40.3; wall 246.9 s, epoch 183.9 s: wall / epoch 1.34.
+Quiet (c13eb76, the other job stopped for the run, load average 2.5 from its idle Ray processes), the same command:
+    pcpp start 2.12, import Ray Train 1.01, checks 0.03, Ray start 7.62, MLflow run start 1.48, Ray Train start
+    8.99, import DeepSpeed 1.03, model build 0.09, calibration + DeepSpeed init 2.36, restore 0.88, eval 33.89
+    (BatchNorm 11.06), checkpoint 0.01, epoch log 0.06, report 0.20, Ray Train end 2.41, MLflow 0.03, Ray
+    shutdown 1.64.
+    wall 108.0 s (109.2 s from outside), epoch 44.1 s, fixed 63.9 s (eval 33.9, rest 30.0): wall / epoch 2.45,
+    wall / (epoch + eval) 1.38.
 The evaluation is compute (about 26,000 forward passes against the epoch's 10,000 forward and backward ones),
 not a fixed cost pcpp can drop; the rest is mostly Ray's and Ray Train's start-up (processes importing torch).
+Issue 11's goal (wall within 1.3x of a 10k-image epoch) leaves 0.3 x 44 = 13 s for everything but the
+epoch's steps on a quiet machine; Ray's start (7.6 s) and Ray Train's worker group (9.0 s) alone take 16.6 s,
+so it is out of reach while a run is a Ray Train job. A sweep pays Ray's start once, not per trial.
 """
 
 from __future__ import annotations

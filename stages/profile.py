@@ -26,7 +26,7 @@ def process_start() -> float:
 
 
 class PhaseTimer:
-    """Seconds per named phase, summed over repeats, in the order first seen.
+    """Seconds per named phase, summed over repeats, in the order first started.
 
     `phase(name)` times a block; `mark(name)` gives `name` the time since the previous mark or phase end (a
     sequence of steps timed without indenting them); `add` records a span measured elsewhere.
@@ -41,6 +41,7 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.seconds.setdefault(name, 0.0)  # listed where it starts: a phase nested in it comes after it
         start = time.perf_counter()
         try:
             yield

@@ -49,6 +49,18 @@ def test_phases_sum_their_repeats_and_keep_the_order_first_seen(monkeypatch):
     assert timer.seconds == {"b": 7.0, "a": 3.0, "c": 7.0, "d": 0.0}
 
 
+def test_a_nested_phase_is_listed_under_the_phase_it_runs_in(monkeypatch):
+    monkeypatch.setattr(profile.time, "perf_counter", Clock(0.0, 1.0, 1.0, 2.0, 1.0, 2.0, 3.0))
+    timer = PhaseTimer()
+    with timer.phase("epochs"):  # 1 -> 2
+        pass
+    with timer.phase("evaluation"):  # 4 -> 10, the BatchNorm re-estimation inside it 5 -> 7
+        with timer.phase("  of which BatchNorm re-estimation"):
+            pass
+    assert list(timer.seconds) == ["epochs", "evaluation", "  of which BatchNorm re-estimation"]
+    assert timer.seconds == {"epochs": 1.0, "evaluation": 6.0, "  of which BatchNorm re-estimation": 2.0}
+
+
 def test_a_phase_that_raises_is_still_timed(monkeypatch):
     monkeypatch.setattr(profile.time, "perf_counter", Clock(0.0, 1.0, 4.0))
     timer = PhaseTimer()
