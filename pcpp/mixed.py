@@ -224,10 +224,10 @@ def resolve(policy: dict | list, rows: list[dict], model: nn.Module, spec: Binar
     if "from_sensitivity" in policy:
         k = policy["from_sensitivity"]
         if k > most:
-            why = (f"more than the {n} blocks of the sensitivity scan" if k > n else
-                   "every block of the sensitivity scan, which leaves no layer binarized (the full-precision model)")
+            why = (f"more than the {n} blocks of the sensitivity scan ({', '.join(ranking)})" if k > n else
+                   f"every block of the sensitivity scan ({', '.join(ranking)}): no layer would be binarized")
             every = f"; {most + 1} would leave no layer binarized" if most < n and k > n else ""
-            raise ValueError(f"keep_fp from_sensitivity {k} is {why} ({', '.join(ranking)}); valid: 0 to {most}{every}")
+            raise ValueError(f"keep_fp from_sensitivity {k} is {why}; valid: 0 to {most}{every}")
         chosen, budget = k, None
     else:
         prices = [pricer(i) for i in range(most + 1)]

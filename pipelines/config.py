@@ -262,7 +262,7 @@ class PipelineConfig(ConfigDocument):
         """binarize.keep_fp and every frontier point, checked on the meta-device model before any stage runs
         (stages.mixed.check_policies): K beyond the model's blocks, a budget no export meets, patterns that
         match no layer are refused at once, not after the stages before them have trained."""
-        from stages.mixed import check_policies
+        from stages.mixed import NO_BAT, check_policies
 
         if not self.binarize.keep_fp and not self.frontier.enabled:  # nothing to check: no config built
             return
@@ -271,9 +271,12 @@ class PipelineConfig(ConfigDocument):
         spec = train.binarize
         policies = [("binarize.keep_fp", spec.keep_fp)] if spec is not None and spec.keep_fp else []
         if self.frontier.enabled:
+            if self.frontier.by == "drop_bat" and self.sensitivity.bat_steps < 1:
+                raise ValueError(f"frontier.by: drop_bat {NO_BAT}")
             policies += [(f"frontier point {label}", policy) for label, policy in configs["frontier"].points()]
         if policies:
-            check_policies(train, policies, self.export.precision, self.sensitivity.blocks)
+            check_policies(train, policies, self.export.precision, self.sensitivity.blocks,
+                           bat=self.sensitivity.bat_steps >= 1)
 
     def check_files(self) -> None:
         """Every input file named by the config exists: fail before any stage starts."""

@@ -61,8 +61,9 @@ class FrontierConfig:
         for label, policy in self.points():
             try:
                 check_keep_fp(policy)
-            except ValueError as e:
-                raise ValueError(f"frontier point {label}: {e}") from None
+            except ValueError as e:  # named by its key: frontier.keep, frontier.budget_bytes, ...
+                key = {"K": "keep"}.get(label.split("=")[0], label.split("=")[0])
+                raise ValueError(f"frontier.{key} point {label}: {e}") from None
 
     def points(self) -> list[tuple[str, dict]]:
         """(label, keep_fp policy) of every point, in order: K = 0 (the fully binarized end point), the other

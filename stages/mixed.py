@@ -68,20 +68,28 @@ def decide(cfg: TrainConfig, inputs: dict[str, Artifact], policy=None, precision
     return resolve(policy, rows, meta_model(cfg.model), cfg.binarize, precision)
 
 
+NO_BAT = ("ranks by the scan's BAT drops, and the sensitivity scan runs PTB only (sensitivity.bat_steps: 0): set "
+          "sensitivity.bat_steps >= 1, or rank by drop_ptb")
+
+
 def check_policies(cfg: TrainConfig, policies: list[tuple[str, object]], precision: str | None = None,
-                   blocks: list[str] | None = None) -> None:
+                   blocks: list[str] | None = None, bat: bool = False) -> None:
     """Refuse, before any stage runs, what a keep_fp policy or pattern list would be refused for once the
     sensitivity scan is there but does not depend on its figures: K beyond the blocks (or every block, leaving
     nothing binarized), a budget that not even the fully binarized export meets, patterns that match no layer.
     `policies`: (where, policy) pairs, `where` prefixes the error (e.g. "frontier point K=20"); `blocks`: the
-    blocks the scan will rank (default: all of the model's, pcpp.sensitivity.blocks). ValueError as
+    blocks the scan will rank (default: all of the model's, pcpp.sensitivity.blocks); `bat`: whether the scan
+    runs BAT (sensitivity.bat_steps >= 1), without which `by: drop_bat` has nothing to rank by. ValueError as
     pcpp.mixed.resolve raises it, prefixed."""
     from pcpp.sensitivity import blocks as model_blocks
 
     model = meta_model(cfg.model)
     names = blocks or model_blocks(model)
-    rows = [{"block": b, "params_binarized": 0, "drop_bat": 0.0} for b in names]  # any order: none is ranked
+    ranked = {"drop_ptb": 0.0, **({"drop_bat": 0.0} if bat else {})}  # the columns the scan will write
+    rows = [{"block": b, "params_binarized": 0, **ranked} for b in names]  # any order: none is ranked
     for where, policy in policies:
+        if isinstance(policy, dict) and policy.get("by") == "drop_bat" and not bat:
+            raise ValueError(f"{where}: by: drop_bat {NO_BAT}")
         try:
             resolve(policy, rows, model, cfg.binarize, precision)
         except ValueError as e:

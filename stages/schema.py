@@ -142,15 +142,14 @@ def located(path: str | Path, overrides: list[str] | None, error: ValueError) ->
 
 
 def _override_of(message: str, overrides: list[str]) -> str | None:
-    """The last override whose key (or a key below it) the message names before any `;` (the valid keys
-    follow it), or whose key below its section starts the message (a section's own checks say `keep_fp ...`,
-    not `binarize.keep_fp ...`); None when none does."""
+    """The last override whose key, or a key below it, the message names before any `;` (the valid keys follow
+    it), also without the key's section (a section's own checks say `keep_fp ...`, not `binarize.keep_fp`);
+    None when none does."""
     head = message.split(";")[0]  # not the list of valid keys after it
     for item in reversed(overrides):
         key = item.split("=", 1)[0].strip()
         below = key.split(".", 1)[1] if "." in key else None
-        if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", head) or (
-                below and re.match(rf"{re.escape(below)}(?!\w)", head)):
+        if any(re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", head) for name in (key, below) if name):
             return f"override {item!r}"
     return None
 

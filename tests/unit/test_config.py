@@ -246,3 +246,7 @@ def test_a_pipeline_override_is_named_for_its_section_checks_too():
         load_pipeline(yaml_path, ["binarize.keep_fp={from_sensitivity: -1}"])  # the section says keep_fp
     with pytest.raises(ConfigError, match=r"^override 'frontier.foo=1': unknown key frontier.foo"):
         load_pipeline(yaml_path, ["name=x", "frontier.foo=1"])
+    with pytest.raises(ConfigError, match=r"^override 'binarize.keep_fp=\{from_sensitivty: 1\}': unknown keep_fp key"):
+        load_pipeline(yaml_path, ["binarize.keep_fp={from_sensitivty: 1}"])  # named inside the message
+    with pytest.raises(ConfigError, match=r"^override 'frontier.keep=\[-1\]': frontier.keep point K=-1: "):
+        load_pipeline(yaml_path, ["frontier.keep=[-1]"])

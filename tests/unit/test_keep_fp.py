@@ -95,7 +95,7 @@ def test_from_sensitivity_keeps_the_k_most_sensitive_blocks(scan_csv, meta_resne
     assert decision.ranking == RANKING and decision.by == "drop_ptb"
 
 
-@pytest.mark.parametrize("k, words", [(9, ["every block", "no layer binarized", "0 to 8"]),
+@pytest.mark.parametrize("k, words", [(9, ["every block", "no layer would be binarized", "0 to 8"]),
                                       (10, ["10", "more than the 9 blocks", "0 to 8"])])
 def test_k_beyond_the_blocks_is_refused(scan_csv, meta_resnet20, k, words):
     with pytest.raises(ValueError) as err:

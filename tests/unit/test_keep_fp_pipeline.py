@@ -64,6 +64,9 @@ def test_bad_configs_are_refused_at_load(sections, words):
     ({"frontier": {"enabled": True, "budget_ratio": [100.0]}}, ["frontier point budget_ratio=100", "cannot be met"]),
     ({"binarize": {"keep_fp": ["layer9.9"]}}, ["binarize.keep_fp", "'layer9.9' matches no module"]),
     ({"binarize": {"keep_fp": {"budget_bytes": 1000}}}, ["binarize.keep_fp", "budget_bytes 1000 cannot be met"]),
+    ({"binarize": {"keep_fp": {"from_sensitivity": 1, "by": "drop_bat"}}},  # the scan runs PTB only
+     ["binarize.keep_fp: by: drop_bat", "bat_steps: 0", "bat_steps >= 1", "drop_ptb"]),
+    ({"frontier": {"enabled": True, "by": "drop_bat"}}, ["frontier.by: drop_bat", "bat_steps >= 1", "drop_ptb"]),
 ])
 def test_what_the_scan_cannot_change_is_refused_before_any_stage(sections, words):
     """pipelines.runner.run calls check_keep_fp before Ray and MLflow start: a typo costs seconds, not the
@@ -78,6 +81,7 @@ def test_what_the_scan_cannot_change_is_refused_before_any_stage(sections, words
 def test_points_the_model_can_take_pass_the_check():
     frontier = {"enabled": True, "keep": [0, 8], "budget_bytes": [49304], "budget_ratio": [12.0]}
     pipeline(frontier=frontier).check_keep_fp()
+    pipeline(frontier={**frontier, "by": "drop_bat"}, sensitivity={"bat_steps": 2}).check_keep_fp()  # BAT drops
     pipeline(frontier={"enabled": True, "keep": [0, 7]}, binarize={"keep_fp": ["layer3.2"]}).check_keep_fp()
     with pytest.raises(ValueError, match="frontier point K=8: .* every block"):  # layer3.2 kept besides: nothing left
         pipeline(frontier={"enabled": True, "keep": [8]}, binarize={"keep_fp": ["layer3.2"]}).check_keep_fp()
