@@ -145,7 +145,13 @@ class KeepDecision:
                 f"bytes predicted, {self.predicted_ratio:.1f}x smaller than fp32)")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "predicted_bytes": self.predicted_bytes, "predicted_ratio": self.predicted_ratio}
+        """The decision as JSON-ready data (keep_fp.json): `sizes` / `fp32_bytes` map each priced k (as a
+        string, JSON's keys) to its bytes; the k never priced are left out."""
+        def priced(values: list) -> dict[str, int]:
+            return {str(k): v for k, v in enumerate(values) if v is not None}
+
+        return {**asdict(self), "sizes": priced(self.sizes), "fp32_bytes": priced(self.fp32_bytes),
+                "predicted_bytes": self.predicted_bytes, "predicted_ratio": self.predicted_ratio}
 
 
 class Pricer:

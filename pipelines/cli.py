@@ -98,6 +98,10 @@ def cmd_train(args) -> int:
     if timer is not None:  # from the process's start: the interpreter and the imports of pcpp
         timer.add("pcpp start (interpreter, imports)", time.time() - process_start())
     cfg = load_config(args.config, args.overrides)
+    if cfg.binarize is not None and isinstance(cfg.binarize.keep_fp, dict):  # a keep_fp policy (pcpp.surgery)
+        raise ValueError(f"binarize.keep_fp {cfg.binarize.keep_fp} is a policy over a sensitivity scan, and `pcpp "
+                         "train` runs none: use `pcpp run` with the sensitivity stage enabled (README, \"Mixed "
+                         "binarization\"), or give keep_fp as module-name patterns, e.g. [layer2.0]")
     if timer is not None:
         timer.mark("config")
     result = fit(cfg, run_dir=args.run_dir, timer=timer)
@@ -254,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the run's own, data.eval_limit of its config)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="the whole pipeline (data, teacher, pretrain, train, sensitivity, export) on Ray")
+    p = sub.add_parser("run", help="the whole pipeline (data, teacher, pretrain, train, sensitivity, export, "
+                       "frontier) on Ray")
     p.add_argument("config", help="pipeline YAML (pipelines/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.optim.epochs=3")
     p.add_argument("--verbose", action="store_true",

@@ -11,8 +11,9 @@ trained once.
 
 Inputs: data, teacher (the full-precision end point: its accuracy, its fp32 size), sensitivity (the CSV
 that ranks the blocks), train (ordering, see above), pretrain and export when enabled. Writes
-`frontier.csv` (one row per point, the fp32 end point first) and `frontier.png` (stages.plots.frontier), logs
-both to the stage's MLflow run (the runner logs them to the pipeline's parent run too, under `frontier/`).
+`frontier.csv` (one row per point, the fp32 end point first), `frontier.png` (stages.plots.frontier) and
+`points.json` (each point's keep_fp decision: policy, ranking, kept blocks, priced sizes), logs them to the
+stage's MLflow run (the runner logs them to the pipeline's parent run too, under `frontier/`).
 Accuracies are fractions in [0, 1], measured on the same test images (the pipeline's data.eval_limit): the
 teacher's for fp32, the exported file's (`reloaded_acc`: the honest binarized network, reloaded) for points.
 """
@@ -32,10 +33,11 @@ from stages.export import ExportConfig
 
 CSV_NAME = "frontier.csv"
 PNG_NAME = "frontier.png"
+POINTS_NAME = "points.json"  # each point's keep_fp decision (pcpp.mixed.KeepDecision.to_dict), by label
 COLUMNS = ("point", "kind", "policy", "kept_blocks", "blocks", "file_bytes", "predicted_bytes", "ratio_to_fp32",
            "accuracy", "train_binary_acc", "train_artifact", "export_artifact")
 
-__all__ = ["CSV_NAME", "COLUMNS", "PNG_NAME", "FrontierConfig", "run"]
+__all__ = ["CSV_NAME", "COLUMNS", "PNG_NAME", "POINTS_NAME", "FrontierConfig", "run"]
 
 
 @dataclass
@@ -93,6 +95,8 @@ def _fp_row(teacher: Artifact, n_blocks: int, fp32_bytes: int) -> dict:
 def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
     """Train and export every point (cached as train / export stages), then the CSV and the plot."""
     from pcpp.export import size_summary
+    from stages.common import shard_dirs
+    from stages.data import load_manifest
     from stages.execute import run_stage
     from stages.mixed import meta_model, with_keep_fp
     from stages.plots import frontier as plot_frontier
@@ -145,10 +149,15 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
         writer.writerows(rows)
     t = cfg.training
     task = t.binarize.task
+    tested = load_manifest(shard_dirs(inputs["data"])[1])["num_samples"]
+    tested = min(tested, cfg.export.eval_limit or tested)  # the images every accuracy of the plot is on
     title = (f"{t.model.name} {task} ({_qname(t.binarize.weight)}), {t.optim.epochs} epoch(s) per point, export "
-             f"{cfg.export.precision}\nK most sensitive blocks kept in full precision (ranked by "
-             f"{decisions[0][2].by})")
+             f"{cfg.export.precision}, {tested:,} test images\nK most sensitive blocks kept in full precision "
+             f"(ranked by {decisions[0][2].by})")
     plot_frontier(rows, out / PNG_NAME, title=title)
+    # a point's train artifact records the blocks it was trained with (shared by the points that keep them);
+    # the policy, the ranking and the sizes priced for each point are here
+    (out / POINTS_NAME).write_text(json.dumps({label: d.to_dict() for label, _, d in decisions}, indent=1))
     for r in rows:  # the table in the console too (fp32: the teacher's accuracy; points: the exported file's)
         acc = f"{float(r['accuracy']):.4f}" if r["accuracy"] != "" else "n/a"
         kept = f", kept {r['blocks'].replace(';', ', ')}" if r["kind"] == "binary" and r["blocks"] else ""
@@ -159,7 +168,7 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
     for r in rows[1:]:
         metrics[f"accuracy.{_slug(r['point'])}"] = r["accuracy"]
         metrics[f"file_bytes.{_slug(r['point'])}"] = r["file_bytes"]
-    log_to_run(ctx, files=[out / CSV_NAME, out / PNG_NAME])
+    log_to_run(ctx, files=[out / CSV_NAME, out / PNG_NAME, out / POINTS_NAME])
     return metrics
 
 

@@ -73,6 +73,10 @@ def test_a_two_point_frontier_through_pcpp_run(tiny_shards, tmp_path):
     assert 0.0 <= float(k1["accuracy"]) <= 1.0
     k1_train = json.loads((root / "artifacts" / k1["train_artifact"] / "keep_fp.json").read_text())
     assert k1_train["blocks"] == [most]
+    decided = json.loads((artifacts["frontier"] / "points.json").read_text())  # each point's own decision
+    assert list(decided) == ["K=0", "K=1"] and decided["K=1"]["policy"]["from_sensitivity"] == 1
+    assert decided["K=1"]["blocks"] == [most] and decided["K=1"]["ranking"][0] == most
+    assert decided["K=1"]["sizes"]["1"] == decided["K=1"]["predicted_bytes"] == int(k1["predicted_bytes"])
     assert (artifacts["frontier"] / "frontier.png").read_bytes()[:8] == PNG_SIGNATURE
 
     client = MlflowClient(summary["tracking_uri"])
@@ -81,7 +85,8 @@ def test_a_two_point_frontier_through_pcpp_run(tiny_shards, tmp_path):
                                                                           "frontier/frontier.png"}
     runs = client.search_runs([client.get_run(parent).info.experiment_id])
     frontier_run = next(r for r in runs if r.data.tags.get("pcpp.stage") == "frontier")
-    assert {a.path for a in client.list_artifacts(frontier_run.info.run_id)} == {"frontier.csv", "frontier.png"}
+    assert {a.path for a in client.list_artifacts(frontier_run.info.run_id)} == {"frontier.csv", "frontier.png",
+                                                                                "points.json"}
     assert frontier_run.data.metrics["points"] == 2
     points = {(r.data.tags["pcpp.frontier.point"], r.data.tags["pcpp.stage"]): r for r in runs
               if "pcpp.frontier.point" in r.data.tags}

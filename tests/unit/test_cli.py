@@ -87,3 +87,11 @@ def test_an_mlflow_error_exits_2_with_one_line(tmp_path, capsys):
     assert main(["report", "--tracking-uri", "nosuchscheme://x", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pcpp report: MLflow error: ") and "nosuchscheme://x" in err and "\n" not in err
+
+
+def test_pcpp_train_refuses_a_keep_fp_policy_pointing_to_pcpp_run(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(f"init: random\ntracking: {{run_root: {tmp_path / 'runs'}}}\n")
+    assert main(["train", str(tmp_path / "c.yaml"), "binarize.keep_fp={from_sensitivity: 1}"]) == 2
+    err = capsys.readouterr().err
+    assert "is a policy over a sensitivity scan" in err and "pcpp run" in err and "[layer2.0]" in err, err
+    assert not (tmp_path / "runs").exists()  # refused before a run directory or a store

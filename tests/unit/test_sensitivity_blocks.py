@@ -151,3 +151,14 @@ def test_bwa_scan_calibrates_thresholds_on_the_given_batches(monkeypatch):
     assert 0.3 < below < 0.7
     with pytest.raises(ValueError, match="calibration_batches"):
         scan(factory, ["body.3"], batches, activation="bnn")
+
+
+def test_the_csv_writes_a_drop_as_its_decimal_and_reads_back_its_ranking(tmp_path):
+    from pcpp.mixed import rank
+    from stages.sensitivity import read_csv, write_csv
+
+    rows = [{"block": "a", "params_binarized": 4, "drop_ptb": 0.82 - 0.67},  # 0.1499999999999999 as a float
+            {"block": "b", "params_binarized": 2, "drop_ptb": 0.82 - 0.6705}]
+    path = write_csv(rows, tmp_path / "s.csv")
+    assert path.read_text().splitlines()[1:] == ["a,4,0.15", "b,2,0.1495"]
+    assert rank(read_csv(path)) == ("drop_ptb", ["a", "b"])
