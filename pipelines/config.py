@@ -183,9 +183,9 @@ class PipelineConfig(ConfigDocument):
         readers = ([f"binarize.keep_fp {keep_fp}"] if is_keep_fp_policy(keep_fp) else []) + (
             ["frontier.enabled"] if frontier.enabled else [])
         if readers and not self.sensitivity.enabled:
+            instead = "" if frontier.enabled else " (or give binarize.keep_fp as module-name patterns)"
             raise ValueError(f"{' and '.join(readers)} {'need' if len(readers) > 1 else 'needs'} the sensitivity "
-                             "scan, which ranks the blocks: set sensitivity.enabled: true (or give binarize.keep_fp "
-                             "as module-name patterns)")
+                             f"scan, which ranks the blocks: set sensitivity.enabled: true{instead}")
         if frontier.enabled and is_keep_fp_policy(keep_fp):
             raise ValueError(f"frontier.enabled with binarize.keep_fp {keep_fp}: the frontier sets keep_fp per "
                              "point; give binarize.keep_fp as patterns (kept at every point) or leave it empty")

@@ -36,8 +36,9 @@ def pipeline(**sections) -> PipelineConfig:
 # -- config -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sections, words", [
     ({"binarize": {"keep_fp": {"from_sensitivity": 2}}, "sensitivity": {"enabled": False}},
-     ["from_sensitivity", "sensitivity.enabled: true"]),
-    ({"frontier": {"enabled": True}, "sensitivity": {"enabled": False}}, ["frontier.enabled", "sensitivity.enabled"]),
+     ["from_sensitivity", "sensitivity.enabled: true", "or give binarize.keep_fp as module-name patterns"]),
+    ({"frontier": {"enabled": True}, "sensitivity": {"enabled": False}},
+     ["frontier.enabled needs the sensitivity scan", "set sensitivity.enabled: true"]),
     ({"frontier": {"enabled": True}, "binarize": {"keep_fp": {"budget_ratio": 10}}},
      ["frontier sets keep_fp per point", "budget_ratio"]),
     ({"binarize": {"keep_fp": {"from_sensitivity": 3}}, "sensitivity": {"blocks": ["layer1.0", "layer3.2"]}},
@@ -214,3 +215,9 @@ def test_the_frontier_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="no frontier points"):
         frontier([], tmp_path / "g.png")
+
+
+def test_the_frontier_without_a_scan_is_not_told_to_give_patterns():
+    with pytest.raises(ConfigError) as err:  # patterns would not give the frontier its ranking
+        pipeline(frontier={"enabled": True}, sensitivity={"enabled": False})
+    assert "module-name patterns" not in str(err.value)
