@@ -149,7 +149,9 @@ def _override_of(message: str, overrides: list[str]) -> str | None:
     for item in reversed(overrides):
         key = item.split("=", 1)[0].strip()
         below = key.split(".", 1)[1] if "." in key else None
-        if any(re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", head) for name in (key, below) if name):
+        # the key, or a key below it (key.sub); below its section, the name alone (data.train is not train.x)
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", head) or (
+                below and re.search(rf"(?<![\w.]){re.escape(below)}(?![\w.])", head)):
             return f"override {item!r}"
     return None
 

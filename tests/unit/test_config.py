@@ -250,3 +250,15 @@ def test_a_pipeline_override_is_named_for_its_section_checks_too():
         load_pipeline(yaml_path, ["binarize.keep_fp={from_sensitivty: 1}"])  # named inside the message
     with pytest.raises(ConfigError, match=r"^override 'frontier.keep=\[-1\]': frontier.keep point K=-1: "):
         load_pipeline(yaml_path, ["frontier.keep=[-1]"])
+    with pytest.raises(ConfigError, match=r"^override 'train.optim.lr=fast': train.optim.lr: expected a number"):
+        load_pipeline(yaml_path, ["train.optim.lr=fast", "data.train=x"])  # data.train's "train" is not train.
+
+
+def test_an_override_below_another_section_is_not_blamed_for_that_section(tmp_path):
+    from pipelines.config import load_pipeline
+    from stages.config import ConfigError
+
+    path = write(tmp_path, "model: {name: resnet20}\nteacher: {source: train}\ntrain: {optim: {lr: fast}}\n")
+    with pytest.raises(ConfigError) as err:  # the file's train.optim.lr, not the data.train override's
+        load_pipeline(path, ["data.train=x"])
+    assert str(err.value).startswith(f"{path}: train.optim.lr: expected a number"), str(err.value)
