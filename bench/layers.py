@@ -21,6 +21,9 @@ With bnn++'s tanh through exp in compiled CPU kernels (pcpp.quantizers.functions
 machine's other job paused, load average 2-3, min ratio auto / reference): ResNet-20 BW 1.01 / 1.04, BWA 1.17 /
 1.54, BWAA 1.22 / 1.77; DeiT-T BW 1.01 / 1.04, BWA 1.11 / 1.47, BWAA 1.20 / 1.76. The same conditions just
 before that change: ResNet-20 1.04, 1.21, 1.31; DeiT-T 1.01, 1.17, 1.25.
+Run to run, same conditions (`--models ResNet-20`, other job paused, load 2.5-2.9; at f490bd4 and 27b9df3):
+BW 1.08 / 1.03, BWA 1.18 / 1.16 (CPU-time ratio 1.18 / 1.15), BWAA 1.35 / 1.22: on this machine a ratio is
+good to a few hundredths at best.
 """
 
 from __future__ import annotations
