@@ -3,11 +3,14 @@
 The pretrain and train stages receive the binarize spec as the pipeline wrote it. When its keep_fp is a
 policy (`{from_sensitivity: K}`, `{budget_bytes: N}`, `{budget_ratio: R}`), they also read the sensitivity
 stage's artifact (stages.registry: `policy_inputs`), turn the policy into patterns (pcpp.mixed.resolve,
-the model priced on the meta device) and train with those. Whenever keep_fp keeps something (policy or
-patterns), the decision is recorded: `keep_fp.json` in the stage's artifact (policy, ranking, kept blocks,
-predicted file bytes and ratio to fp32 at the policy's precision, fp32 for patterns), the MLflow params
-`keep_fp.policy` / `keep_fp.blocks`, and the metrics `keep_fp_count`, `keep_fp_predicted_bytes`,
-`keep_fp_predicted_ratio` and `keep_fp_blocks` (text: a tag `pcpp.train.keep_fp_blocks` of the parent run).
+the model priced on the meta device) and train with those, as the same stage with the patterns and without
+the scan, nested: its key is the one a frontier point or an earlier run that kept the same blocks had, so
+that training is cached, and its files are hard-linked into the policy stage's artifact. Whenever keep_fp
+keeps something (policy or patterns), the decision is recorded: `keep_fp.json` in the stage's artifact
+(policy, ranking, kept blocks, predicted file bytes and ratio to fp32 at the policy's precision, fp32 for
+patterns), the MLflow params `keep_fp.policy` / `keep_fp.blocks`, and the metrics `keep_fp_count`,
+`keep_fp_predicted_bytes`, `keep_fp_predicted_ratio` and `keep_fp_blocks` (text: a tag
+`pcpp.train.keep_fp_blocks` of the parent run).
 The export stage reads keep_fp.json back and logs the export's real size next to the prediction.
 """
 
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 from pcpp.mixed import KeepDecision, resolve
 from pcpp.surgery import is_keep_fp_policy
-from stages.artifact import Artifact, StageContext
+from stages.artifact import MANIFEST, Artifact, StageContext
 from stages.common import log_to_run, recipe_of
 from stages.config import TrainConfig
 
@@ -120,11 +125,34 @@ def _run(stage: str, cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, c
 
     decision = decide(cfg, inputs)
     if decision is not None and is_keep_fp_policy(cfg.binarize.keep_fp):
-        cfg = with_keep_fp(cfg, decision.blocks)
         print(f"stage {stage}: keep_fp {decision.policy} {decision.describe()}", flush=True)
+        return {**_train_blocks(stage, with_keep_fp(cfg, decision.blocks), inputs, out, ctx),
+                **record(decision, out, ctx)}
     run = train.run_pretrain if stage == "pretrain" else train.run_train
     metrics = run(cfg, inputs, out, ctx)
     return {**metrics, **record(decision, out, ctx)}
+
+
+def _train_blocks(stage: str, cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
+    """A resolved policy's training, as the stage with the kept blocks as patterns and without the scan (the
+    stage key a frontier point or an earlier run that kept the same blocks has: cached then), nested under
+    this stage's MLflow run; its files are hard-linked into `out` (copied across file systems). Its metrics."""
+    from stages.execute import run_stage
+
+    nested = dataclasses.replace(ctx, parent_run_id=ctx.run_id or ctx.parent_run_id, run_id=None)
+    own = {k: a for k, a in inputs.items() if k != "sensitivity"}
+    blocks = ", ".join(cfg.binarize.keep_fp)
+    trained, _ = run_stage(stage, cfg, nested, own, label=f"{stage} keeping {blocks}")
+    shutil.copytree(trained.path, out, dirs_exist_ok=True, copy_function=_link,
+                    ignore=shutil.ignore_patterns(MANIFEST, KEEP_FP_FILE))  # the policy's keep_fp.json is written
+    return dict(trained.metrics)
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
 
 
 def run_pretrain(cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:

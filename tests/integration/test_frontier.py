@@ -1,6 +1,6 @@
 """A tiny accuracy-versus-size frontier (2 points: K = 0 and K = 1) through `pcpp run`, then the same pipeline
 with a keep_fp policy in its train stage instead: real Ray, real MLflow (SQLite), the tests' 4-class images.
-The K = 0 point is the train and export stages' own artifact (same key)."""
+The K = 0 point is the train and export stages' own artifact (same key); the policy's training is K = 1's."""
 
 from __future__ import annotations
 
@@ -102,10 +102,15 @@ def test_a_two_point_frontier_through_pcpp_run(tiny_shards, tmp_path):
     assert "frontier K=1: " in console and "honest accuracy" in console, console
 
     # The same pipeline with the policy in its train stage: data, teacher and scan cached, train resolves it
+    # to K = 1's block, whose training the frontier already did (the same stage key): nothing trains again
     console = pcpp_run(config, "frontier.enabled=false", "binarize.keep_fp.from_sensitivity=1")
     assert f"stage train: keep_fp {{'from_sensitivity': 1, 'precision': 'fp32'}} keeps {most}" in console, console
+    assert f"stage train keeping {most}: cached ({k1['train_artifact'].split('-', 1)[1]})" in console, console
     summary = json.loads((root / "summary.json").read_text())
     train_dir, metrics = Path(summary["artifacts"]["train"]), summary["metrics"]
+    k1_dir = root / "artifacts" / k1["train_artifact"]
+    assert (train_dir / "model.pt").read_bytes() == (k1_dir / "model.pt").read_bytes()  # the point's model
+    assert (train_dir / "model.pt").stat().st_ino == (k1_dir / "model.pt").stat().st_ino  # linked, not copied
     assert json.loads((train_dir / "keep_fp.json").read_text())["blocks"] == [most]
     assert json.loads((train_dir / "binarize.json").read_text())["keep_fp"] == [most]  # what the model holds
     assert metrics["train"]["keep_fp_predicted_bytes"] == metrics["export"]["file_bytes"] == int(k1["file_bytes"])
