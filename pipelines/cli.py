@@ -90,6 +90,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from pcpp.surgery import is_keep_fp_policy
     from stages.config import load_config
     from stages.engine import fit
     from stages.profile import PhaseTimer, process_start
@@ -98,7 +99,7 @@ def cmd_train(args) -> int:
     if timer is not None:  # from the process's start: the interpreter and the imports of pcpp
         timer.add("pcpp start (interpreter, imports)", time.time() - process_start())
     cfg = load_config(args.config, args.overrides)
-    if cfg.binarize is not None and isinstance(cfg.binarize.keep_fp, dict):  # a keep_fp policy (pcpp.surgery)
+    if cfg.binarize is not None and is_keep_fp_policy(cfg.binarize.keep_fp):
         raise ValueError(f"binarize.keep_fp {cfg.binarize.keep_fp} is a policy over a sensitivity scan, and `pcpp "
                          "train` runs none: use `pcpp run` with the sensitivity stage enabled (README, \"Mixed "
                          "binarization\"), or give keep_fp as module-name patterns, e.g. [layer2.0]")

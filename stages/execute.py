@@ -39,6 +39,12 @@ def _end_child(ctx: StageContext, status: str, artifact: Artifact | None = None,
     run.finish(status, message)
 
 
+def nested(ctx: StageContext) -> StageContext:
+    """The context for stages a stage runs itself (run_stage inside a stage): their MLflow runs, and their
+    trainings', nest under the running stage's run."""
+    return dataclasses.replace(ctx, parent_run_id=ctx.run_id or ctx.parent_run_id, run_id=None)
+
+
 def run_stage(name: str, config, ctx: StageContext, inputs: dict[str, Artifact], *, label: str | None = None,
               tags: dict | None = None) -> tuple[Artifact, dict]:
     """Run stage `name` (stages.registry) on its own `config` and `inputs`, or take its cached artifact.

@@ -21,7 +21,6 @@ teacher's for fp32, the exported file's (`reloaded_acc`: the honest binarized ne
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +96,7 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
     from pcpp.export import size_summary
     from stages.common import shard_dirs
     from stages.data import load_manifest
-    from stages.execute import run_stage
+    from stages.execute import nested, run_stage
     from stages.mixed import meta_model, with_keep_fp
     from stages.plots import frontier as plot_frontier
     from stages.tracking import log_to_run
@@ -113,27 +112,24 @@ def run(cfg: FrontierConfig, inputs: dict[str, Artifact], out: Path, ctx: StageC
                          f"{None if spec is None else spec.keep_fp}")
     base = list(cfg.training.binarize.keep_fp)
     train_inputs = {k: inputs[k] for k in ("data", "teacher", "pretrain") if k in inputs}  # the train stage's
-    # the points' stages nest under the frontier's MLflow run; their trainings too
-    point_ctx = dataclasses.replace(ctx, parent_run_id=ctx.run_id or ctx.parent_run_id, run_id=None)
+    point_ctx = nested(ctx)  # the points' stages nest under the frontier's MLflow run; their trainings too
     decisions = [(label, policy, _decide(cfg, inputs, label, policy))
                  for label, policy in cfg.points()]  # every point resolved (and refused) before any training
     fp32_bytes = size_summary(meta_model(cfg.training.model)).fp32_bytes
     rows = [_fp_row(inputs["teacher"], len(decisions[0][2].ranking), fp32_bytes)]
-    done: dict[tuple, tuple[Artifact, Artifact]] = {}
-    first: dict[tuple, str] = {}  # blocks -> the first point that keeps them
+    done: dict[tuple, tuple[str, Artifact, Artifact]] = {}  # blocks -> the first point that kept them, its stages
     for label, policy, decision in decisions:
         blocks = tuple(decision.blocks)
-        same = first.setdefault(blocks, label)
         print(f"frontier point {label}: {decision.describe()}"
-              + (f", the blocks of {same}: trained once" if same != label else ""), flush=True)
+              + (f", the blocks of {done[blocks][0]}: trained once" if blocks in done else ""), flush=True)
         if blocks not in done:
             tags = {"pcpp.frontier.point": label, "pcpp.frontier.blocks": ",".join(blocks)}
             trained, _ = run_stage("train", with_keep_fp(cfg.training, base + list(blocks)), point_ctx, train_inputs,
                                    label=f"frontier {label} train", tags=tags)
             exported, _ = run_stage("export", cfg.export, point_ctx, {"data": inputs["data"], "train": trained},
                                     label=f"frontier {label} export", tags=tags)
-            done[blocks] = trained, exported
-        trained, exported = done[blocks]
+            done[blocks] = label, trained, exported
+        _, trained, exported = done[blocks]
         m = exported.metrics
         rows.append({"point": label, "kind": "binary", "policy": json.dumps(policy), "kept_blocks": len(blocks),
                      "blocks": ";".join(blocks), "file_bytes": m["file_bytes"],

@@ -126,23 +126,23 @@ def _run(stage: str, cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, c
     decision = decide(cfg, inputs)
     if decision is not None and is_keep_fp_policy(cfg.binarize.keep_fp):
         print(f"stage {stage}: keep_fp {decision.policy} {decision.describe()}", flush=True)
-        return {**_train_blocks(stage, with_keep_fp(cfg, decision.blocks), inputs, out, ctx),
-                **record(decision, out, ctx)}
+        return {**_train_blocks(stage, cfg, decision.blocks, inputs, out, ctx), **record(decision, out, ctx)}
     run = train.run_pretrain if stage == "pretrain" else train.run_train
     metrics = run(cfg, inputs, out, ctx)
     return {**metrics, **record(decision, out, ctx)}
 
 
-def _train_blocks(stage: str, cfg: TrainConfig, inputs: dict[str, Artifact], out: Path, ctx: StageContext) -> dict:
-    """A resolved policy's training, as the stage with the kept blocks as patterns and without the scan (the
-    stage key a frontier point or an earlier run that kept the same blocks has: cached then), nested under
-    this stage's MLflow run; its files are hard-linked into `out` (copied across file systems). Its metrics."""
-    from stages.execute import run_stage
+def _train_blocks(stage: str, cfg: TrainConfig, blocks: list[str], inputs: dict[str, Artifact], out: Path,
+                  ctx: StageContext) -> dict:
+    """A policy's training with its resolved `blocks`: the stage with them as patterns and without what the
+    policy read (policy_inputs: the scan), so the stage key a frontier point or an earlier run that kept the
+    same blocks has (cached then), nested under this stage's MLflow run; its files are hard-linked into `out`
+    (copied across file systems). Its metrics."""
+    from stages.execute import nested, run_stage
 
-    nested = dataclasses.replace(ctx, parent_run_id=ctx.run_id or ctx.parent_run_id, run_id=None)
-    own = {k: a for k, a in inputs.items() if k != "sensitivity"}
-    blocks = ", ".join(cfg.binarize.keep_fp)
-    trained, _ = run_stage(stage, cfg, nested, own, label=f"{stage} keeping {blocks}")
+    own = {k: a for k, a in inputs.items() if k not in policy_inputs(cfg)}
+    trained, _ = run_stage(stage, with_keep_fp(cfg, blocks), nested(ctx), own,
+                           label=f"{stage} keeping {', '.join(blocks)}")
     shutil.copytree(trained.path, out, dirs_exist_ok=True, copy_function=_link,
                     ignore=shutil.ignore_patterns(MANIFEST, KEEP_FP_FILE))  # the policy's keep_fp.json is written
     return dict(trained.metrics)
