@@ -1,0 +1,239 @@
+"""The Table 2 study of bench/cifar10_resnet20.py on one machine without Ray or MLflow: several runs side by
+side, each in a process of its own, for a single-GPU box (or a CPU one) where Ray and MLflow are not installed.
+
+The runs are the same as the Ray bench's: its plan (`plan`, `run_config`: FT from the teacher, Adam + cosine,
+the same binarize specs and rules) and the same training recipe, `stages.training.TrainingRun` (DeepSpeed
+engine, schedules per step, BatchNorm re-estimated under the honest forward, honest binarized evaluation
+every epoch), here with a one-process torch.distributed group (nccl on a GPU, gloo on CPU) instead of a Ray
+Train worker and without an MLflow run. What is missing against the Ray bench: Ray's checkpoint
+persistence and restarts (a run that crashes is reported `failed` with its message; `--resume` skips the
+runs whose result.json says finished, diverged or refused, and starts the others again from their last
+epoch's checkpoint in the run directory), and the MLflow store (the tables come from the run directories).
+
+    PYTHONPATH=. python bench/table2_local.py --parallel 4 --loader-workers 3 --epochs 3 --lr 2e-3 \\
+        --tasks BW,BWA,BWAA --variants fp,bc,pc,bnn,bnn+,bnn++,pq,rpc --extra-seeds bnn:BW:1,bnn++:BW:1 \\
+        --run-root runs/table2-local --resume
+    PYTHONPATH=. python bench/table2_local.py --report-only --run-root runs/table2-local --tasks BW,BWA,BWAA \\
+        --variants fp,bc,pc,bnn,bnn+,bnn++,pq,rpc --extra-seeds bnn:BW:1,bnn++:BW:1 --epochs 3 --lr 2e-3
+
+Every option of bench/cifar10_resnet20.py is accepted (`--workers` must stay 1), and: `--parallel N` runs
+(processes) at once, `--deadline-s S` starts no run after S seconds (runs in flight finish; the rest are
+left for a later `--resume`), `--report-only` writes the tables from the run directories and trains nothing,
+`--commit` the commit to record (default: git's HEAD; a copy of the tree without .git says `unknown`),
+`--deepspeed` the DeepSpeed preset (default cpu: fp32 ZeRO-1, on a GPU too; v100: fp16 + ZeRO-2).
+Writes under `--out` (default RUN_ROOT/report): table2.md (both tables of pipelines.report and the runs'
+wall times), table2.csv, table2-honesty.csv, table2-runs.csv, table2.png, after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from bench import cifar10_resnet20 as bench  # noqa: E402
+from bench import study  # noqa: E402
+from pcpp import tasks  # noqa: E402
+from pipelines import report  # noqa: E402
+
+DONE = ("finished", "diverged", "refused")
+
+
+# -- one run, in its own process ---------------------------------------------------------------------------
+def run_one(config: dict, run_dir: str) -> dict:
+    """Train one planned run in this (fresh) process; returns {"status", "message", "wall_s", "device"}.
+
+    Any exception is caught and returned as status `failed` with its message (the study goes on)."""
+    started = time.perf_counter()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
+        os.environ[key] = value
+    device = "cpu"
+    try:
+        import torch
+        import torch.distributed as dist
+        import yaml
+
+        from stages.config import TrainConfig, absolute, build
+        from stages.engine import skip_shm_op
+        from stages.training import TrainingRun
+
+        if torch.cuda.is_available():
+            backend, device = "nccl", torch.cuda.get_device_name(0)
+        else:
+            from cluster.train_backend import loopback_interface
+
+            os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
+            backend = "gloo"
+            skip_shm_op()
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        cfg = absolute(build(TrainConfig, config))
+        path = Path(run_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        training = TrainingRun(cfg, path)
+        status = training.run()
+        return {"status": status, "message": training.message, "wall_s": time.perf_counter() - started,
+                "device": device}
+    except Exception as e:  # noqa: BLE001 (one run's failure is recorded; the others go on)
+        traceback.print_exc()
+        return {"status": "failed", "message": f"{type(e).__name__}: {e}", "wall_s": time.perf_counter() - started,
+                "device": device}
+
+
+# -- the tables from the run directories -------------------------------------------------------------------
+def run_row(run: bench.Run) -> dict | None:
+    """The row pipelines.report's tables take (as `report.collect` makes from MLflow), from the run
+    directory's result.json and epochs.jsonl; None when the run is not done."""
+    result = study._read_json(run.run_dir / "result.json") or {}
+    if result.get("status") not in DONE:
+        return None
+    last = (study.recorded_epochs(run.run_dir) or [{}])[-1]
+    metrics = {k: last.get(k) for k in dict.fromkeys(("binary_acc", *report.HONESTY_METRICS))}
+    spec = run.config["binarize"]
+    return {"run_id": run.label, "variant": "fp" if spec is None else spec["weight"],
+            "task": tasks.FP if spec is None else run.task, "rule": run.config["algorithm"]["rule"],
+            "pipeline": "ft", "seed": run.seed, "status": result["status"], "value": metrics["binary_acc"],
+            "metrics": metrics, "parent_run_id": None, "start_time": 0}
+
+
+def publish(args, runs: list[bench.Run], out: Path, title: str, note: str, wall_s: float) -> report.ReportFiles:
+    rows = [r for r in map(run_row, runs) if r is not None]
+    body = bench.runs_table(runs)
+    runs_md = "## Runs (wall s: all invocations together)\n\n" + "\n".join(
+        ["| " + " | ".join(bench.RUNS_HEADER) + " |", "|" + "---|" * len(bench.RUNS_HEADER)]
+        + ["| " + " | ".join(b) + " |" for b in body])
+    devices = sorted({d for r in runs for d in [_device(r.run_dir)] if d})
+    extra = (f"{runs_md}\n\nThis invocation's wall time {wall_s:.0f} s; commit {args.commit}; device(s) "
+             f"{', '.join(devices) or 'none yet'}; runs side by side: {args.parallel}; no Ray, no MLflow "
+             "(bench/table2_local.py).")
+    order = [t for t in tasks.TASKS if t in args.tasks]
+    files = report.write_tables(rows, out, bench.STEM, title=title, note=note, transpose=True,
+                                extra_markdown=extra, variants=args.variants, tasks=order)
+    with (out / f"{bench.STEM}-runs.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([bench.RUNS_HEADER, *body])
+    return files
+
+
+def _device(run_dir: Path) -> str | None:
+    data = study._read_json(run_dir / study.RUN_RECORD) or {}
+    return next((e.get("device") for e in reversed(data.get("invocations", [])) if e.get("device")), None)
+
+
+def record(run: bench.Run, result: dict, invocation: str) -> None:
+    """Add this invocation's wall time, status and device to the run's bench.json."""
+    path = run.run_dir / study.RUN_RECORD
+    data = study._read_json(path) or {"invocations": []}
+    epochs = len(study.recorded_epochs(run.run_dir))
+    data["invocations"].append({"invocation": invocation, "wall_s": round(result["wall_s"], 3),
+                                "status": result["status"], "epochs_after": epochs, "device": result["device"],
+                                "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    study._write_json(path, data)
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    p.add_argument("--parallel", type=int, default=1, help="runs at once, each its own process (default 1)")
+    p.add_argument("--deadline-s", type=float, default=None, help="start no run after this many seconds")
+    p.add_argument("--report-only", action="store_true", help="write the tables from the run directories only")
+    p.add_argument("--commit", default=None, help="the commit to record (default: git HEAD)")
+    p.add_argument("--deepspeed", default="cpu",
+                   help="DeepSpeed preset or JSON file of every run (distributed.deepspeed; default cpu: fp32)")
+    p.add_argument("-h", "--help", action="store_true")
+    own, rest = p.parse_known_args(argv)
+    if own.help:
+        p.print_help()
+        print("\nand the options of bench/cifar10_resnet20.py:")
+        bench.parse_args(["--help"])
+    args = bench.parse_args(rest)
+    if args.workers != 1:
+        raise SystemExit(f"error: --workers {args.workers}: this driver runs each run in one process (1)")
+    if own.parallel < 1:
+        raise SystemExit(f"error: --parallel {own.parallel} must be >= 1")
+    vars(args).update(vars(own))
+    args.commit = args.commit or study.git_commit(REPO)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    shared = args.shared.expanduser().resolve()
+    teacher = (args.teacher or shared / "teachers" / "resnet20-cifar10.th").expanduser().resolve()
+    data_dir = args.data_dir.expanduser().resolve()
+    suffix = "" if args.limit_per_class is None else f"-lpc{args.limit_per_class}"
+    train_dir, test_dir = data_dir / f"train{suffix}", data_dir / "test"
+    run_root = (args.run_root or Path("runs") / "bench" / time.strftime("table2-local-%Y%m%d-%H%M%S"))
+    run_root = run_root.expanduser().resolve()
+    out = (args.out or run_root / "report").expanduser().resolve()
+    runs = bench.plan(args, train_dir, test_dir, teacher, run_root)
+    for r in runs:
+        r.config["distributed"]["deepspeed"] = args.deepspeed
+    title = (f"CIFAR-10 ResNet-20 FT: {args.epochs} epoch(s), adam lr {args.lr:g} cosine, batch {args.batch_size}, "
+             f"units {args.units}, DeepSpeed {args.deepspeed} (bench/table2_local.py)")
+    note = ("Honest binary test accuracy (%) at the last epoch, mean ± sample std over seeds where a cell has "
+            "several; FP: full-precision fine-tuning on the same data (one run, shown on every row).")
+    if args.report_only:
+        files = publish(args, runs, out, title, note, 0.0)
+        print(files.markdown.read_text(encoding="utf-8"))
+        return 0
+    if not teacher.is_file():
+        raise SystemExit(f"error: teacher checkpoint {teacher} not found (--teacher / --shared)")
+    tars = shared / "data" / "cifar10-jpeg"
+    train_manifest = bench.ensure_shards(tars / "train.tar", train_dir, args.limit_per_class)
+    bench.ensure_shards(tars / "test.tar", test_dir, None)
+    taken = [r for r in runs if (r.run_dir / "config.yaml").exists()]
+    if taken and not args.resume:
+        raise SystemExit(f"error: run directories already exist under {run_root}: "
+                         f"{', '.join(r.run_dir.name for r in taken)}; pass --resume or another --run-root")
+    left = [r for r in runs if (study._read_json(r.run_dir / "result.json") or {}).get("status") not in DONE]
+    for r in runs:
+        if r not in left:
+            r.status = study._read_json(r.run_dir / "result.json")["status"]
+    print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
+          f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)
+    invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
+    pending = list(left)
+    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        flight: dict = {}
+        while pending or flight:
+            late = args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s
+            while pending and len(flight) < args.parallel and not late:
+                r = pending.pop(0)
+                print(f"[table2] start {r.label}", flush=True)
+                flight[pool.submit(run_one, r.config, str(r.run_dir))] = r
+            if not flight:
+                break
+            done, _ = wait(flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                r = flight.pop(future)
+                result = future.result()
+                r.status, r.message = result["status"], result["message"]
+                record(r, result, invocation)
+                last = (study.recorded_epochs(r.run_dir) or [{}])[-1]
+                print(f"[table2] end   {r.label}: {r.status} {r.message} binary acc {last.get('binary_acc')} "
+                      f"forward acc {last.get('forward_acc')} soft fraction {last.get('soft_fraction')} "
+                      f"in {result['wall_s']:.1f} s on {result['device']}", flush=True)
+                publish(args, runs, out, title, note, time.perf_counter() - t_start)
+    files = publish(args, runs, out, title, note, time.perf_counter() - t_start)
+    print("\n" + files.markdown.read_text(encoding="utf-8"))
+    not_done = [r.label for r in runs if r.status not in DONE]
+    if not_done:
+        print(f"not done: {', '.join(not_done)}")
+    print(f"this invocation {time.perf_counter() - t_start:.1f} s; run root {run_root}; tables {out}")
+    return 0 if not not_done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
