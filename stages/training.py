@@ -36,7 +36,7 @@ from cluster.progress import bar as progress_bar
 from pcpp import layers, models
 from pcpp.calibration import recalibrate_batchnorm_, thresholds_set_next
 from pcpp.distill import kd_loss
-from pcpp.evaluation import evaluate
+from pcpp.evaluation import evaluate, model_dtype
 from pcpp.quantizers import Quantizer
 from pcpp.rules import RuleOptimizer, UpdateRule, get_rule
 from pcpp.schedules import learning_rate, progress_at
@@ -235,7 +235,7 @@ class TrainingRun:
                                                     config=deepspeed_config(cfg, world), dist_init_required=False)
         self.mark("calibration, DeepSpeed init")
         self.module = self.engine.module
-        self.device = self.engine.device
+        self.device, self.dtype = self.engine.device, model_dtype(self.module)
         if self.teacher is not None:
             self.teacher.to(self.device)
         self.rules = RuleOptimizer(optimizer, rule, layers.binarized_params(self.module),
@@ -293,11 +293,13 @@ class TrainingRun:
 
     # -- one epoch ---------------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy, or the distillation loss against the teacher's logits (pcpp.distill)."""
+        """Cross-entropy, or the distillation loss against the teacher's logits (pcpp.distill), in fp32 (the
+        logits of a half-precision model too)."""
+        logits = logits.float()
         if self.teacher is None:
             return F.cross_entropy(logits, y)
         with torch.no_grad():
-            t_logits = self.teacher(x)
+            t_logits = self.teacher(x.to(model_dtype(self.teacher)) if x.is_floating_point() else x)
         d = self.cfg.distill
         return kd_loss(logits, t_logits, temperature=d.temperature, alpha=d.alpha, targets=y if d.alpha < 1 else None)
 
@@ -318,7 +320,8 @@ class TrainingRun:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr_at(self.cfg, self.progress)
             x, y = x.to(self.device), y.to(self.device)
-            logits = self.engine(x)
+            # fp16 / bf16 under DeepSpeed: the engine holds a half-precision model, whose inputs must be half too
+            logits = self.engine(x.to(self.dtype) if x.is_floating_point() else x)
             loss = self.loss(logits, x, y)
             if all_sum([0.0 if torch.isfinite(loss) else 1.0], self.device)[0]:
                 self.status = "diverged"

@@ -211,8 +211,13 @@ class ShardLoader:
         return math.ceil(self.epoch_length / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple]:
-        # workers are started per epoch (not persistent), so they see the current epoch
-        loader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        # workers are started per epoch (not persistent), so they see the current epoch; from a process that
+        # holds CUDA (and NCCL) they start from a forkserver: forked from such a process, workers closed early
+        # (BatchNorm recalibration's few batches) died with "terminate called without an active exception"
+        # (SIGABRT) on an H200 with torch 2.11, 7 of 23 runs (bench/table2_local.py)
+        context = "forkserver" if self.num_workers and torch.cuda.is_initialized() else None
+        loader = DataLoader(self._stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            multiprocessing_context=context)
         batches = iter(loader)
         try:
             yield from _rebatch(batches, self.batch_size, self.drop_last)
