@@ -106,14 +106,22 @@ def run_row(run: bench.Run) -> dict | None:
             "metrics": metrics, "parent_run_id": None, "start_time": 0}
 
 
-def publish(args, runs: list[bench.Run], out: Path, title: str, note: str, wall_s: float) -> report.ReportFiles:
+def publish(args, runs: list[bench.Run], out: Path, title: str, note: str,
+            wall_s: float | None) -> report.ReportFiles:
     rows = [r for r in map(run_row, runs) if r is not None]
     body = bench.runs_table(runs)
     runs_md = "## Runs (wall s: all invocations together)\n\n" + "\n".join(
         ["| " + " | ".join(bench.RUNS_HEADER) + " |", "|" + "---|" * len(bench.RUNS_HEADER)]
         + ["| " + " | ".join(b) + " |" for b in body])
+    partial = [unfinished_line(r) for r in runs if run_row(r) is None and study.recorded_epochs(r.run_dir)]
+    if partial:
+        runs_md += ("\n\n## Runs not done (not in the tables above): their last recorded epoch\n\n"
+                    "| run | status | epochs | binary % | forward % | gap (points) | soft fraction % |\n"
+                    "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(partial))
     devices = sorted({d for r in runs for d in [_device(r.run_dir)] if d})
-    extra = (f"{runs_md}\n\nThis invocation's wall time {wall_s:.0f} s; commit {args.commit}; device(s) "
+    when = ("Tables rewritten from the run directories" if wall_s is None
+            else f"This invocation's wall time {wall_s:.0f} s")
+    extra = (f"{runs_md}\n\n{when}; commit {args.commit}; device(s) "
              f"{', '.join(devices) or 'none yet'}; runs side by side: {args.parallel}; no Ray, no MLflow "
              "(bench/table2_local.py).")
     order = [t for t in tasks.TASKS if t in args.tasks]
@@ -122,6 +130,26 @@ def publish(args, runs: list[bench.Run], out: Path, title: str, note: str, wall_
     with (out / f"{bench.STEM}-runs.csv").open("w", newline="") as f:
         csv.writer(f).writerows([bench.RUNS_HEADER, *body])
     return files
+
+
+def run_status(run: bench.Run) -> str:
+    """result.json's status, else the last invocation's (bench.json: `failed` when the process raised), else
+    `stopped` (epochs recorded: the process was killed) or `pending`."""
+    result = study._read_json(run.run_dir / "result.json") or {}
+    record = (study._read_json(run.run_dir / study.RUN_RECORD) or {}).get("invocations") or [{}]
+    return result.get("status") or record[-1].get("status") or (
+        "stopped" if study.recorded_epochs(run.run_dir) else "pending")
+
+
+def unfinished_line(run: bench.Run) -> str:
+    """A markdown row for a run with epochs recorded but not done (stopped by a deadline, a crash, a kill)."""
+    epochs = study.recorded_epochs(run.run_dir)
+    e = epochs[-1]
+    status = run_status(run)
+    gap = 100.0 * (e["forward_acc"] - e["binary_acc"])
+    return (f"| {run.label} | {status} | {len(epochs)} of {run.config['optim']['epochs']} "
+            f"| {100 * e['binary_acc']:.2f} | {100 * e['forward_acc']:.2f} | {gap:+.2f} "
+            f"| {100 * e['soft_fraction']:.1f} |")
 
 
 def _device(run_dir: Path) -> str | None:
@@ -184,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
              f"units {args.units}, DeepSpeed {args.deepspeed} (bench/table2_local.py)")
     note = ("Honest binary test accuracy (%) at the last epoch, mean ± sample std over seeds where a cell has "
             "several; FP: full-precision fine-tuning on the same data (one run, shown on every row).")
+    for r in runs:
+        r.status = run_status(r)
     if args.report_only:
-        files = publish(args, runs, out, title, note, 0.0)
+        files = publish(args, runs, out, title, note, None)
         print(files.markdown.read_text(encoding="utf-8"))
         return 0
     if not teacher.is_file():
@@ -197,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if taken and not args.resume:
         raise SystemExit(f"error: run directories already exist under {run_root}: "
                          f"{', '.join(r.run_dir.name for r in taken)}; pass --resume or another --run-root")
-    left = [r for r in runs if (study._read_json(r.run_dir / "result.json") or {}).get("status") not in DONE]
-    for r in runs:
-        if r not in left:
-            r.status = study._read_json(r.run_dir / "result.json")["status"]
+    left = [r for r in runs if r.status not in DONE]
     print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
           f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)
     invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
