@@ -286,19 +286,34 @@ def publish(args, runs: list[Run], uri: str, out: Path, the_study: study.Study, 
 
 
 # -- main ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclass
+class StudyPaths:
+    teacher: Path
+    tars: Path  # the JPEG tars (train.tar, test.tar) under --shared
+    train: Path  # prepared shards
+    test: Path
+    run_root: Path
+    out: Path  # tables and figure
+
+
+def study_paths(args: argparse.Namespace, stem: str) -> StudyPaths:
+    """Where a study's inputs and outputs are, from its arguments (the run root defaults to
+    runs/bench/<stem>-<time>)."""
     shared = args.shared.expanduser().resolve()
-    teacher = (args.teacher or shared / "teachers" / "resnet20-cifar10.th").expanduser().resolve()
-    if not teacher.is_file():
-        raise SystemExit(f"error: teacher checkpoint {teacher} not found (--teacher / --shared)")
-    tars = shared / "data" / "cifar10-jpeg"
     data_dir = args.data_dir.expanduser().resolve()
     suffix = "" if args.limit_per_class is None else f"-lpc{args.limit_per_class}"
-    train_dir, test_dir = data_dir / f"train{suffix}", data_dir / "test"
-    run_root = (args.run_root or Path("runs") / "bench" / time.strftime("cifar10-resnet20-%Y%m%d-%H%M%S"))
-    run_root = run_root.expanduser().resolve()
-    out = (args.out or run_root / "report").expanduser().resolve()
+    run_root = (args.run_root or Path("runs") / "bench" / time.strftime(f"{stem}-%Y%m%d-%H%M%S")).expanduser().resolve()
+    return StudyPaths((args.teacher or shared / "teachers" / "resnet20-cifar10.th").expanduser().resolve(),
+                      shared / "data" / "cifar10-jpeg", data_dir / f"train{suffix}", data_dir / "test", run_root,
+                      (args.out or run_root / "report").expanduser().resolve())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    p = study_paths(args, "cifar10-resnet20")
+    teacher, tars, train_dir, test_dir, run_root, out = p.teacher, p.tars, p.train, p.test, p.run_root, p.out
+    if not teacher.is_file():
+        raise SystemExit(f"error: teacher checkpoint {teacher} not found (--teacher / --shared)")
 
     t_start = time.perf_counter()
     train_manifest = ensure_shards(tars / "train.tar", train_dir, args.limit_per_class)

@@ -197,14 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    shared = args.shared.expanduser().resolve()
-    teacher = (args.teacher or shared / "teachers" / "resnet20-cifar10.th").expanduser().resolve()
-    data_dir = args.data_dir.expanduser().resolve()
-    suffix = "" if args.limit_per_class is None else f"-lpc{args.limit_per_class}"
-    train_dir, test_dir = data_dir / f"train{suffix}", data_dir / "test"
-    run_root = (args.run_root or Path("runs") / "bench" / time.strftime("table2-local-%Y%m%d-%H%M%S"))
-    run_root = run_root.expanduser().resolve()
-    out = (args.out or run_root / "report").expanduser().resolve()
+    p = bench.study_paths(args, "table2-local")
+    teacher, tars, train_dir, test_dir, run_root, out = p.teacher, p.tars, p.train, p.test, p.run_root, p.out
     runs = bench.plan(args, train_dir, test_dir, teacher, run_root)
     for r in runs:
         r.config["distributed"]["deepspeed"] = args.deepspeed
@@ -220,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not teacher.is_file():
         raise SystemExit(f"error: teacher checkpoint {teacher} not found (--teacher / --shared)")
-    tars = shared / "data" / "cifar10-jpeg"
     train_manifest = bench.ensure_shards(tars / "train.tar", train_dir, args.limit_per_class)
     bench.ensure_shards(tars / "test.tar", test_dir, None)
     taken = [r for r in runs if (r.run_dir / "config.yaml").exists()]
