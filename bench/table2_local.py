@@ -8,7 +8,8 @@ every epoch), here with a one-process torch.distributed group (nccl on a GPU, gl
 Train worker and without an MLflow run. What is missing against the Ray bench: Ray's checkpoint
 persistence and restarts (a run that crashes is reported `failed` with its message; `--resume` skips the
 runs whose result.json says finished, diverged or refused, and starts the others again from their last
-epoch's checkpoint in the run directory), and the MLflow store (the tables come from the run directories).
+epoch's checkpoint in the run directory; a run directory made with other settings is refused), and the
+MLflow store (the tables come from the run directories).
 
     PYTHONPATH=. python bench/table2_local.py --parallel 4 --loader-workers 3 --epochs 3 --lr 2e-3 \\
         --tasks BW,BWA,BWAA --variants fp,bc,pc,bnn,bnn+,bnn++,pq,rpc --extra-seeds bnn:BW:1,bnn++:BW:1 \\
@@ -61,7 +62,6 @@ def run_one(config: dict, run_dir: str) -> dict:
     try:
         import torch
         import torch.distributed as dist
-        import yaml
 
         from stages.config import TrainConfig, absolute, build
         from stages.engine import skip_shm_op
@@ -79,7 +79,7 @@ def run_one(config: dict, run_dir: str) -> dict:
         cfg = absolute(build(TrainConfig, config))
         path = Path(run_dir)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (path / "config.yaml").write_text(cfg.to_yaml())  # as stages.engine.fit writes it
         training = TrainingRun(cfg, path)
         status = training.run()
         return {"status": status, "message": training.message, "wall_s": time.perf_counter() - started,
@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     if taken and not args.resume:
         raise SystemExit(f"error: run directories already exist under {run_root}: "
                          f"{', '.join(r.run_dir.name for r in taken)}; pass --resume or another --run-root")
+    for r in runs:
+        differs = study.config_differences(r.run_dir, r.config)
+        if differs:
+            raise SystemExit(f"error: {r.run_dir} was run with other settings ({'; '.join(differs)}): "
+                             f"a table must not mix them; use another --run-root or the settings it was run with")
     left = [r for r in runs if r.status not in DONE]
     print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
           f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)

@@ -87,5 +87,8 @@ def test_one_run_in_its_own_process(shards, tmp_path):
     assert len(epochs) == 1 and 0.0 <= epochs[0]["binary_acc"] <= 1.0
     assert json.loads((run.run_dir / "result.json").read_text())["status"] == "finished"
     assert (run.run_dir / "config.yaml").exists() and (run.run_dir / "final" / "model.pt").exists()
+    assert importlib.import_module("bench.study").config_differences(run.run_dir, run.config) == []
+    changed = {**run.config, "optim": {**run.config["optim"], "lr": 0.5}}
+    assert "optim.lr" in " ".join(importlib.import_module("bench.study").config_differences(run.run_dir, changed))
     row = local.run_row(run)
     assert row["variant"] == "bnn" and row["task"] == "BWA" and row["value"] == epochs[0]["binary_acc"]
