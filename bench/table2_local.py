@@ -6,7 +6,8 @@ the same binarize specs and rules) and the same training recipe, `stages.trainin
 engine, schedules per step, BatchNorm re-estimated under the honest forward, honest binarized evaluation
 every epoch), here with a one-process torch.distributed group (nccl on a GPU, gloo on CPU) instead of a Ray
 Train worker and without an MLflow run. What is missing against the Ray bench: Ray's checkpoint
-persistence and restarts (a run that crashes is reported `failed` with its message; `--resume` skips the
+persistence and restarts (a run that raises, or whose process dies, is reported `failed` with its message or
+exit code, and the other runs go on; `--resume` skips the
 runs whose result.json says finished, diverged or refused, and starts the others again from their last
 epoch's checkpoint in the run directory; a run directory made with other settings is refused), and the
 MLflow store (the tables come from the run directories).
@@ -34,8 +35,7 @@ import os
 import sys
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from multiprocessing import connection, get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,8 @@ from bench import study  # noqa: E402
 from pcpp import tasks  # noqa: E402
 from pipelines import report  # noqa: E402
 
-DONE = ("finished", "diverged", "refused")
+DONE = study.DONE
+RESULT_FILE = "table2_local.json"  # what a run's process returns: status, message, wall_s, device
 
 
 # -- one run, in its own process ---------------------------------------------------------------------------
@@ -88,6 +89,40 @@ def run_one(config: dict, run_dir: str) -> dict:
         traceback.print_exc()
         return {"status": "failed", "message": f"{type(e).__name__}: {e}", "wall_s": time.perf_counter() - started,
                 "device": device}
+    finally:  # an NCCL group left open can hang the process's exit
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_process(config: dict, run_dir: str) -> None:
+    """A run's process: run_one, its result written to RUN_DIR/table2_local.json for the driver."""
+    result = run_one(config, run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    study._write_json(Path(run_dir) / RESULT_FILE, result)
+
+
+def start(run: bench.Run):
+    """Start `run` in a new (spawned) process; its result comes back through `collect`."""
+    (run.run_dir / RESULT_FILE).unlink(missing_ok=True)
+    process = get_context("spawn").Process(target=_run_process, args=(run.config, str(run.run_dir)),
+                                           name=f"table2-{run.label}")
+    process.start()
+    return process
+
+
+def collect(run: bench.Run, process, started: float) -> dict:
+    """The result of `run`'s ended process; a process that died without one (killed, out of memory, a
+    segfault, an abort) is `failed` with its exit code, and the other runs go on."""
+    process.join()
+    result = study._read_json(run.run_dir / RESULT_FILE)
+    if result is None:
+        code = process.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        result = {"status": "failed", "message": f"the run's process died ({how}) without a result",
+                  "wall_s": time.perf_counter() - started, "device": "unknown"}
+    return result
 
 
 # -- the tables from the run directories -------------------------------------------------------------------
@@ -130,6 +165,15 @@ def publish(args, runs: list[bench.Run], out: Path, title: str, note: str,
     with (out / f"{bench.STEM}-runs.csv").open("w", newline="") as f:
         csv.writer(f).writerows([bench.RUNS_HEADER, *body])
     return files
+
+
+def safe_publish(*args) -> None:
+    """`publish` during the study: a failure (a half-written epochs.jsonl line of a run in flight, a full
+    disk) is printed, never fatal; the final tables are written once every run has ended."""
+    try:
+        publish(*args)
+    except Exception as e:  # noqa: BLE001 (tables are a by-product: never lose the study over them)
+        print(f"[table2] warning: could not write the tables: {type(e).__name__}: {e}", flush=True)
 
 
 def run_status(run: bench.Run) -> str:
@@ -209,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         r.status = run_status(r)
     if args.report_only:
+        for r in runs:
+            differs = study.config_differences(r.run_dir, r.config)
+            if differs:
+                print(f"warning: {r.run_dir} was run with other settings than these options ({'; '.join(differs)})",
+                      file=sys.stderr)
         files = publish(args, runs, out, title, note, None)
         print(files.markdown.read_text(encoding="utf-8"))
         return 0
@@ -229,28 +278,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
           f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)
     invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
-    pending = list(left)
-    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        flight: dict = {}
-        while pending or flight:
-            late = args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s
-            while pending and len(flight) < args.parallel and not late:
-                r = pending.pop(0)
-                print(f"[table2] start {r.label}", flush=True)
-                flight[pool.submit(run_one, r.config, str(r.run_dir))] = r
-            if not flight:
-                break
-            done, _ = wait(flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                r = flight.pop(future)
-                result = future.result()
-                r.status, r.message = result["status"], result["message"]
-                record(r, result, invocation)
-                last = (study.recorded_epochs(r.run_dir) or [{}])[-1]
-                print(f"[table2] end   {r.label}: {r.status} {r.message} binary acc {last.get('binary_acc')} "
-                      f"forward acc {last.get('forward_acc')} soft fraction {last.get('soft_fraction')} "
-                      f"in {result['wall_s']:.1f} s on {result['device']}", flush=True)
-                publish(args, runs, out, title, note, time.perf_counter() - t_start)
+    pending, flight = list(left), {}  # flight: process -> (run, start time)
+    while pending or flight:
+        late = args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s
+        while pending and len(flight) < args.parallel and not late:
+            r = pending.pop(0)
+            print(f"[table2] start {r.label}", flush=True)
+            flight[start(r)] = (r, time.perf_counter())
+        if not flight:
+            break
+        ended = connection.wait([p.sentinel for p in flight])
+        for process in [p for p in flight if p.sentinel in ended]:
+            r, started = flight.pop(process)
+            result = collect(r, process, started)
+            r.status, r.message = result["status"], result["message"]
+            record(r, result, invocation)
+            last = (study.recorded_epochs(r.run_dir) or [{}])[-1]
+            print(f"[table2] end   {r.label}: {r.status} {r.message} binary acc {last.get('binary_acc')} "
+                  f"forward acc {last.get('forward_acc')} soft fraction {last.get('soft_fraction')} "
+                  f"in {result['wall_s']:.1f} s on {result['device']}", flush=True)
+            safe_publish(args, runs, out, title, note, time.perf_counter() - t_start)
     files = publish(args, runs, out, title, note, time.perf_counter() - t_start)
     print("\n" + files.markdown.read_text(encoding="utf-8"))
     not_done = [r.label for r in runs if r.status not in DONE]

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -59,14 +60,42 @@ def test_report_only_tables_from_run_directories(tmp_path, capsys):
     assert "| BW | 87.50" in capsys.readouterr().out
 
 
-def test_run_status():
+def test_parse_args():
     bench = importlib.import_module("bench.cifar10_resnet20")
-    assert local.DONE == ("finished", "diverged", "refused")
     with pytest.raises(SystemExit, match="--workers 2"):
         local.parse_args([*PLAN, "--workers", "2"])
     with pytest.raises(SystemExit, match="--parallel 0"):
         local.parse_args([*PLAN, "--parallel", "0"])
+    args = local.parse_args([*PLAN, "--parallel", "3", "--deepspeed", "v100", "--commit", "c"])
+    assert (args.parallel, args.deepspeed, args.commit, args.epochs) == (3, "v100", "c", 3)
     assert bench.parse_args(PLAN).epochs == 3
+
+
+def test_run_status(tmp_path):
+    bench = importlib.import_module("bench.cifar10_resnet20")
+
+    def status(label: str) -> str:
+        return local.run_status(bench.Run("bnn", "BW", 0, tmp_path / label, {}))
+
+    write_run(tmp_path, "a", [0.5], result="finished", record="failed")  # result.json wins
+    write_run(tmp_path, "b", [0.5], record="failed")
+    write_run(tmp_path, "c", [0.5])
+    (tmp_path / "d").mkdir()
+    assert [status(x) for x in "abcd"] == ["finished", "failed", "stopped", "pending"]
+
+
+@pytest.mark.parametrize("target, args, message", [
+    (os._exit, (3,), "exit code 3"),
+    (os.abort, (), f"killed by signal {signal.SIGABRT.value}"),
+])
+def test_a_process_that_dies_is_failed_and_the_study_goes_on(tmp_path, target, args, message):
+    bench = importlib.import_module("bench.cifar10_resnet20")
+    run = bench.Run("bnn", "BW", 0, tmp_path / "run", {})
+    run.run_dir.mkdir()
+    process = get_context("spawn").Process(target=target, args=args)
+    process.start()
+    result = local.collect(run, process, 0.0)
+    assert result["status"] == "failed" and message in result["message"] and "without a result" in result["message"]
 
 
 @pytest.mark.integration
@@ -79,8 +108,8 @@ def test_one_run_in_its_own_process(shards, tmp_path):
     run = bench.plan(args, train, test, REPO / "pipelines" / "demo_data" / "resnet20-cifar10.th", tmp_path)[0]
     run.config["model"]["num_classes"] = 10
     run.config["algorithm"]["bn_recalibration_batches"] = 1
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        result = pool.submit(local.run_one, run.config, str(run.run_dir)).result()
+    process = local.start(run)  # a spawned process, as main runs them; its result through the run directory
+    result = local.collect(run, process, 0.0)
     assert result["status"] == "finished", result["message"]
     assert result["device"] == "cpu" and result["wall_s"] > 0
     epochs = [json.loads(x) for x in (run.run_dir / "epochs.jsonl").read_text().splitlines()]
