@@ -19,7 +19,8 @@ from pcpp.schedules import Schedule, loglinear
 # statistics are re-estimated under it (pcpp.calibration.recalibrate_batchnorm_). ResNet-20 BWA fine-tuned
 # from the teacher, one epoch, `pcpp train`, honest accuracy on the 10k test set (docs/activations.md):
 # activations' mu 0.5 -> 30: 36.8% (forward 38.0%), 0.5 -> 10: 40.0% (39.7%), 0.5 -> 5: 37.6% (47.2%: too soft
-# at the end, the sign network is another one).
+# at the end, the sign network is another one). The `pcpp sweep` study sweep_bwa_mu_short.yaml (10 trials, Optuna
+# TPE, 10,000 images an epoch; docs/results/sweep_bwa_mu_short.md) found log-linear 0.51 -> 12.2 best: this one.
 ACTIVATION_SCHEDULES: dict[str, dict[str, Schedule]] = {"bnn++": {"mu": loglinear(0.5, 10.0)}}
 ROLES = ("weight", "activation")
 
