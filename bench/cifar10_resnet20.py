@@ -308,6 +308,20 @@ def study_paths(args: argparse.Namespace, stem: str) -> StudyPaths:
                       (args.out or run_root / "report").expanduser().resolve())
 
 
+def check_run_dirs(runs: list[Run], run_root: Path, resume: bool) -> None:
+    """Refuse (SystemExit) run directories that exist without `resume`, or that were made with other settings
+    (a table must not mix them)."""
+    taken = [r.run_dir for r in runs if (r.run_dir / "config.yaml").exists()]
+    if taken and not resume:
+        raise SystemExit(f"error: run directories already exist under {run_root}: "
+                         f"{', '.join(p.name for p in taken)}; pass --resume to continue them or another --run-root")
+    for r in runs:
+        differs = study.config_differences(r.run_dir, r.config)
+        if differs:
+            raise SystemExit(f"error: {r.run_dir} was run with other settings ({'; '.join(differs)}): "
+                             f"a table must not mix them; use another --run-root or the settings it was run with")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     p = study_paths(args, "cifar10-resnet20")
@@ -320,15 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     test_manifest = ensure_shards(tars / "test.tar", test_dir, None)
 
     runs = plan(args, train_dir, test_dir, teacher, run_root)
-    taken = [r.run_dir for r in runs if (r.run_dir / "config.yaml").exists()]
-    if taken and not args.resume:
-        raise SystemExit(f"error: run directories already exist under {run_root}: "
-                         f"{', '.join(p.name for p in taken)}; pass --resume to continue them or another --run-root")
-    for r in runs:
-        differs = study.config_differences(r.run_dir, r.config)
-        if differs:
-            raise SystemExit(f"error: {r.run_dir} was run with other settings ({'; '.join(differs)}): "
-                             f"a table must not mix them; use another --run-root or the settings it was run with")
+    check_run_dirs(runs, run_root, args.resume)
     run_root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(run_root)
 

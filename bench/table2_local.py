@@ -265,15 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: teacher checkpoint {teacher} not found (--teacher / --shared)")
     train_manifest = bench.ensure_shards(tars / "train.tar", train_dir, args.limit_per_class)
     bench.ensure_shards(tars / "test.tar", test_dir, None)
-    taken = [r for r in runs if (r.run_dir / "config.yaml").exists()]
-    if taken and not args.resume:
-        raise SystemExit(f"error: run directories already exist under {run_root}: "
-                         f"{', '.join(r.run_dir.name for r in taken)}; pass --resume or another --run-root")
-    for r in runs:
-        differs = study.config_differences(r.run_dir, r.config)
-        if differs:
-            raise SystemExit(f"error: {r.run_dir} was run with other settings ({'; '.join(differs)}): "
-                             f"a table must not mix them; use another --run-root or the settings it was run with")
+    bench.check_run_dirs(runs, run_root, args.resume)
     left = [r for r in runs if r.status not in DONE]
     print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
           f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)
