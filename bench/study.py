@@ -147,15 +147,16 @@ def config_differences(run_dir: Path, planned: dict) -> list[str]:
 
 # -- wall time ---------------------------------------------------------------------------------------------
 def record_run(run_dir: Path, wall_s: float, status: str, epochs_before: int, epochs_after: int,
-               invocation: str = "") -> None:
+               invocation: str = "", device: str | None = None) -> None:
     """Record an invocation's wall time on the run in its bench.json: the entry of the same `invocation`
-    is replaced (a heartbeat's `running` entry by the final one), others are kept."""
+    is replaced (a heartbeat's `running` entry by the final one), others are kept. `device`: where it ran,
+    when known (bench/table2_local.py)."""
     path = Path(run_dir) / RUN_RECORD
     data = _read_json(path) or {"invocations": []}
     entries = [e for e in data["invocations"] if not invocation or e.get("invocation") != invocation]
     entries.append({"invocation": invocation, "wall_s": round(wall_s, 3), "status": status,
                     "epochs_before": epochs_before, "epochs_after": epochs_after,
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"device": device} if device else {})})
     data["invocations"] = entries
     _write_json(path, data)
 

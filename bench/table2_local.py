@@ -201,18 +201,6 @@ def _device(run_dir: Path) -> str | None:
     return next((e.get("device") for e in reversed(data.get("invocations", [])) if e.get("device")), None)
 
 
-def record(run: bench.Run, result: dict, invocation: str) -> None:
-    """Add this invocation's wall time, status and device to the run's bench.json."""
-    path = run.run_dir / study.RUN_RECORD
-    data = study._read_json(path) or {"invocations": []}
-    epochs = len(study.recorded_epochs(run.run_dir))
-    data["invocations"].append({"invocation": invocation, "wall_s": round(result["wall_s"], 3),
-                                "status": result["status"], "epochs_after": epochs, "device": result["device"],
-                                "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    study._write_json(path, data)
-
-
 # -- main ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
@@ -270,21 +258,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
           f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)
     invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
-    pending, flight = list(left), {}  # flight: process -> (run, start time)
+    pending, flight = list(left), {}  # flight: process -> (run, start time, epochs before)
     while pending or flight:
         late = args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s
         while pending and len(flight) < args.parallel and not late:
             r = pending.pop(0)
             print(f"[table2] start {r.label}", flush=True)
-            flight[start(r)] = (r, time.perf_counter())
+            flight[start(r)] = (r, time.perf_counter(), len(study.recorded_epochs(r.run_dir)))
         if not flight:
             break
         ended = connection.wait([p.sentinel for p in flight])
         for process in [p for p in flight if p.sentinel in ended]:
-            r, started = flight.pop(process)
+            r, started, epochs_before = flight.pop(process)
             result = collect(r, process, started)
             r.status, r.message = result["status"], result["message"]
-            record(r, result, invocation)
+            r.run_dir.mkdir(parents=True, exist_ok=True)  # a process that died at once made none
+            study.record_run(r.run_dir, result["wall_s"], r.status, epochs_before,
+                             len(study.recorded_epochs(r.run_dir)), invocation, device=result["device"])
             last = (study.recorded_epochs(r.run_dir) or [{}])[-1]
             print(f"[table2] end   {r.label}: {r.status} {r.message} binary acc {last.get('binary_acc')} "
                   f"forward acc {last.get('forward_acc')} soft fraction {last.get('soft_fraction')} "

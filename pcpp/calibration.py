@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pcpp.evaluation import model_device, model_dtype
+from pcpp.evaluation import as_input, model_device, model_dtype
 from pcpp.layers import BinaryMixin, binary_layers, evaluation
 
 _MAX_PER_CHANNEL = 1 << 14  # values kept per channel and batch (a fixed, evenly spaced subsample)
@@ -313,7 +313,7 @@ def recalibrate_batchnorm_(model: nn.Module, batches: Iterable, *, device: torch
                 m.train()
             for batch in batches:
                 x = _inputs(batch).to(device)
-                model(x.to(dtype) if x.is_floating_point() else x)  # a half-precision model gets half inputs
+                model(as_input(x, dtype))
                 seen += 1
         if seen == 0:
             raise ValueError("recalibrate_batchnorm_ needs at least one batch")

@@ -28,6 +28,11 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype` when it is floating (a half-precision model gets half inputs), else as is (indices)."""
+    return x.to(dtype) if x.is_floating_point() else x
+
+
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
              honest: bool = True) -> tuple[int, int]:
     """(correct, total) top-1 over `loader`'s (inputs, labels) batches.
@@ -42,7 +47,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | No
     with evaluation(model, honest), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            x = x.to(dtype) if x.is_floating_point() else x  # a half-precision model gets half inputs
+            x = as_input(x, dtype)
             correct += int((model(x).argmax(1) == y).sum())
             total += y.numel()
     return correct, total

@@ -36,7 +36,7 @@ from cluster.progress import bar as progress_bar
 from pcpp import layers, models
 from pcpp.calibration import recalibrate_batchnorm_, thresholds_set_next
 from pcpp.distill import kd_loss
-from pcpp.evaluation import evaluate, model_dtype
+from pcpp.evaluation import as_input, evaluate, model_dtype
 from pcpp.quantizers import Quantizer
 from pcpp.rules import RuleOptimizer, UpdateRule, get_rule
 from pcpp.schedules import learning_rate, progress_at
@@ -299,7 +299,7 @@ class TrainingRun:
         if self.teacher is None:
             return F.cross_entropy(logits, y)
         with torch.no_grad():
-            t_logits = self.teacher(x.to(model_dtype(self.teacher)) if x.is_floating_point() else x)
+            t_logits = self.teacher(as_input(x, model_dtype(self.teacher)))
         d = self.cfg.distill
         return kd_loss(logits, t_logits, temperature=d.temperature, alpha=d.alpha, targets=y if d.alpha < 1 else None)
 
@@ -321,7 +321,7 @@ class TrainingRun:
                 group["lr"] = lr_at(self.cfg, self.progress)
             x, y = x.to(self.device), y.to(self.device)
             # fp16 / bf16 under DeepSpeed: the engine holds a half-precision model, whose inputs must be half too
-            logits = self.engine(x.to(self.dtype) if x.is_floating_point() else x)
+            logits = self.engine(as_input(x, self.dtype))
             loss = self.loss(logits, x, y)
             if all_sum([0.0 if torch.isfinite(loss) else 1.0], self.device)[0]:
                 self.status = "diverged"
