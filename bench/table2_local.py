@@ -19,8 +19,9 @@ MLflow store (the tables come from the run directories).
         --variants fp,bc,pc,bnn,bnn+,bnn++,pq,rpc --extra-seeds bnn:BW:1,bnn++:BW:1 --epochs 3 --lr 2e-3
 
 Every option of bench/cifar10_resnet20.py is accepted (`--workers` must stay 1), and: `--parallel N` runs
-(processes) at once, `--deadline-s S` starts no run after S seconds (runs in flight finish; the rest are
-left for a later `--resume`), `--report-only` writes the tables from the run directories and trains nothing,
+(processes) at once, each pinned to its share of the cores (`core_slots`) with as many torch threads,
+`--deadline-s S` starts no run after S seconds (runs in flight finish; the rest are left for a later
+`--resume`), `--report-only` writes the tables from the run directories and trains nothing,
 `--commit` the commit to record (default: git's HEAD; a copy of the tree without .git says `unknown`),
 `--deepspeed` the DeepSpeed preset (default cpu: fp32 ZeRO-1, on a GPU too; v100: fp16 + ZeRO-2).
 Writes under `--out` (default RUN_ROOT/report): table2.md (both tables of pipelines.report and the runs'
@@ -53,7 +54,8 @@ RESULT_FILE = "table2_local.json"  # what a run's process returns: status, messa
 
 # -- one run, in its own process ---------------------------------------------------------------------------
 def run_one(config: dict, run_dir: str) -> dict:
-    """Train one planned run in this (fresh) process; returns {"status", "message", "wall_s", "device"}.
+    """Train one planned run in this (fresh) process; returns {"status", "message", "wall_s", "device"} and,
+    when it trained, "threads" (torch's intra-op threads: the cores of the process's slot).
 
     Any exception is caught and returned as status `failed` with its message (the study goes on)."""
     started = time.perf_counter()
@@ -84,7 +86,7 @@ def run_one(config: dict, run_dir: str) -> dict:
         training = TrainingRun(cfg, path)
         status = training.run()
         return {"status": status, "message": training.message, "wall_s": time.perf_counter() - started,
-                "device": device}
+                "device": device, "threads": torch.get_num_threads()}
     except Exception as e:  # noqa: BLE001 (one run's failure is recorded; the others go on)
         traceback.print_exc()
         return {"status": "failed", "message": f"{type(e).__name__}: {e}", "wall_s": time.perf_counter() - started,
@@ -96,17 +98,37 @@ def run_one(config: dict, run_dir: str) -> dict:
             dist.destroy_process_group()
 
 
-def _run_process(config: dict, run_dir: str) -> None:
-    """A run's process: run_one, its result written to RUN_DIR/table2_local.json for the driver."""
+def core_slots(parallel: int, cores: list[int] | None = None) -> list[list[int] | None]:
+    """The CPU cores of each of `parallel` run slots: the driver's cores (its affinity mask) cut into
+    `parallel` contiguous groups whose sizes differ by at most one; with more slots than cores, one core each,
+    shared round-robin. [None] * parallel where the OS has no affinity (the runs then share every core)."""
+    if cores is None:
+        if not hasattr(os, "sched_getaffinity"):
+            return [None] * parallel
+        cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(cores)
+    if parallel >= len(cores):
+        return [[cores[i % len(cores)]] for i in range(parallel)]
+    size, extra = divmod(len(cores), parallel)
+    bounds = [k * size + min(k, extra) for k in range(parallel + 1)]
+    return [cores[bounds[k]:bounds[k + 1]] for k in range(parallel)]
+
+
+def _run_process(config: dict, run_dir: str, cores: list[int] | None = None) -> None:
+    """A run's process, pinned to `cores` (its slot; TrainingRun then uses that many threads): run_one, its
+    result written to RUN_DIR/table2_local.json for the driver."""
+    if cores:
+        os.sched_setaffinity(0, cores)
     result = run_one(config, run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     study._write_json(Path(run_dir) / RESULT_FILE, result)
 
 
-def start(run: bench.Run):
-    """Start `run` in a new (spawned) process; its result comes back through `collect`."""
+def start(run: bench.Run, cores: list[int] | None = None):
+    """Start `run` in a new (spawned) process on `cores` (None: every core); its result comes back through
+    `collect`."""
     (run.run_dir / RESULT_FILE).unlink(missing_ok=True)
-    process = get_context("spawn").Process(target=_run_process, args=(run.config, str(run.run_dir)),
+    process = get_context("spawn").Process(target=_run_process, args=(run.config, str(run.run_dir), cores),
                                            name=f"table2-{run.label}")
     process.start()
     return process
@@ -258,18 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
           f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)
     invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
-    pending, flight = list(left), {}  # flight: process -> (run, start time, epochs before)
+    slots = core_slots(args.parallel)
+    free = list(range(args.parallel))
+    pending, flight = list(left), {}  # flight: process -> (run, start time, epochs before, slot)
     while pending or flight:
         late = args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s
-        while pending and len(flight) < args.parallel and not late:
-            r = pending.pop(0)
-            print(f"[table2] start {r.label}", flush=True)
-            flight[start(r)] = (r, time.perf_counter(), len(study.recorded_epochs(r.run_dir)))
+        while pending and free and not late:
+            r, slot = pending.pop(0), free.pop(0)
+            where = "" if slots[slot] is None else f" on cores {','.join(map(str, slots[slot]))}"
+            print(f"[table2] start {r.label}{where}", flush=True)
+            flight[start(r, slots[slot])] = (r, time.perf_counter(), len(study.recorded_epochs(r.run_dir)), slot)
         if not flight:
             break
         ended = connection.wait([p.sentinel for p in flight])
         for process in [p for p in flight if p.sentinel in ended]:
-            r, started, epochs_before = flight.pop(process)
+            r, started, epochs_before, slot = flight.pop(process)
+            free.append(slot)
             result = collect(r, process, started)
             r.status, r.message = result["status"], result["message"]
             r.run_dir.mkdir(parents=True, exist_ok=True)  # a process that died at once made none
@@ -278,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             last = (study.recorded_epochs(r.run_dir) or [{}])[-1]
             print(f"[table2] end   {r.label}: {r.status} {r.message} binary acc {last.get('binary_acc')} "
                   f"forward acc {last.get('forward_acc')} soft fraction {last.get('soft_fraction')} "
-                  f"in {result['wall_s']:.1f} s on {result['device']}", flush=True)
+                  f"in {result['wall_s']:.1f} s on {result['device']} ({result.get('threads', '?')} threads)",
+                  flush=True)
             safe_publish(args, runs, out, title, note, time.perf_counter() - t_start)
     files = publish(args, runs, out, title, note, time.perf_counter() - t_start)
     print("\n" + files.markdown.read_text(encoding="utf-8"))

@@ -113,6 +113,15 @@ def ensure_ray(num_cpus: int | None = None):
     return ray
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a cgroup cpuset, taskset,
+    or a slot of bench/table2_local.py), else os.cpu_count(); at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this OS (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

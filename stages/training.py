@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.local import deepspeed_file, resolve
+from cluster.local import deepspeed_file, resolve, usable_cpus
 from cluster.progress import bar as progress_bar
 from pcpp import layers, models
 from pcpp.calibration import recalibrate_batchnorm_, thresholds_set_next
@@ -208,7 +208,7 @@ class TrainingRun:
 
         cfg, rank, world = self.cfg, self.rank, self.world
         torch.manual_seed(cfg.seed)
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
+        torch.set_num_threads(max(1, usable_cpus() // max(world, 1)))
         norm = models.normalization(cfg.model.name)  # the model's (teacher's) input statistics
         per_rank = None if cfg.data.epoch_length is None else cfg.data.epoch_length // world
         batches = LoaderConfig(batch_size=cfg.data.batch_size // world, num_workers=cfg.data.num_workers,

@@ -98,6 +98,35 @@ def test_a_process_that_dies_is_failed_and_the_study_goes_on(tmp_path, target, a
     assert result["status"] == "failed" and message in result["message"] and "without a result" in result["message"]
 
 
+@pytest.mark.parametrize("parallel, cores, expected", [
+    (1, [0, 1], [[0, 1]]),
+    (2, [0, 1], [[0], [1]]),
+    (3, [3, 1, 2, 0, 4, 5, 6], [[0, 1, 2], [3, 4], [5, 6]]),  # sizes differ by one at most, sorted cores
+    (3, [0, 1], [[0], [1], [0]]),  # more runs than cores: one core each, shared round-robin
+    (8, list(range(16)), [[2 * k, 2 * k + 1] for k in range(8)]),
+])
+def test_core_slots(parallel, cores, expected):
+    assert local.core_slots(parallel, cores) == expected
+
+
+def _usable_cpus_on(cores, queue):
+    os.sched_setaffinity(0, cores)
+    queue.put(importlib.import_module("cluster.local").usable_cpus())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_usable_cpus_follows_the_affinity_mask():
+    """What a pinned run's TrainingRun sizes its threads by: the process's cores, not the machine's."""
+    context = get_context("spawn")
+    queue = context.Queue()
+    first = sorted(os.sched_getaffinity(0))[:1]
+    process = context.Process(target=_usable_cpus_on, args=(first, queue))
+    process.start()
+    assert queue.get(timeout=60) == 1
+    process.join()
+    assert importlib.import_module("cluster.local").usable_cpus() == len(os.sched_getaffinity(0))
+
+
 @pytest.mark.integration
 def test_one_run_in_its_own_process(shards, tmp_path):
     """A fresh process (spawn, as main runs them): gloo on CPU, TrainingRun, files in the run directory."""
@@ -108,10 +137,12 @@ def test_one_run_in_its_own_process(shards, tmp_path):
     run = bench.plan(args, train, test, REPO / "pipelines" / "demo_data" / "resnet20-cifar10.th", tmp_path)[0]
     run.config["model"]["num_classes"] = 10
     run.config["algorithm"]["bn_recalibration_batches"] = 1
-    process = local.start(run)  # a spawned process, as main runs them; its result through the run directory
+    slot = local.core_slots(1)[0]
+    process = local.start(run, slot)  # a spawned process, as main runs them; its result through the run directory
     result = local.collect(run, process, 0.0)
     assert result["status"] == "finished", result["message"]
     assert result["device"] == "cpu" and result["wall_s"] > 0
+    assert result["threads"] == len(slot)  # TrainingRun takes as many threads as the slot has cores
     epochs = [json.loads(x) for x in (run.run_dir / "epochs.jsonl").read_text().splitlines()]
     assert len(epochs) == 1 and 0.0 <= epochs[0]["binary_acc"] <= 1.0
     assert json.loads((run.run_dir / "result.json").read_text())["status"] == "finished"
