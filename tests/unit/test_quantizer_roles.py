@@ -6,7 +6,7 @@ import torch
 
 from pcpp import models, quantizers, tasks
 from pcpp.layers import BinaryConv2d, binary_layers
-from pcpp.schedules import loglinear
+from pcpp.schedules import constant, loglinear
 from pcpp.specs import ACTIVATION_SCHEDULES, default_schedules, make_quantizer
 from pcpp.surgery import binarize_
 from pipelines.cli import main
@@ -21,6 +21,12 @@ def test_bnn_pp_defaults_per_role():
     # at the end of training the activation pair sits at mu 10, the weight pair at 30.4
     assert make_quantizer("bnn++", "activation").set_progress(1.0).params["mu"] == pytest.approx(10.0)
     assert make_quantizer("bnn++").set_progress(1.0).params["mu"] == pytest.approx(30.4)
+
+
+def test_bnn_plus_activations_default_to_mu_2_its_weights_keep_the_papers_5():
+    assert make_quantizer("bnn+").param_schedules["mu"] == constant(5.0)
+    assert make_quantizer("bnn+", "activation").param_schedules["mu"] == constant(2.0)
+    assert make_quantizer({"name": "bnn+", "mu": 5.0}, "activation").params["mu"] == 5.0  # the paper's, when set
 
 
 def test_pairs_without_an_activation_default_are_the_same_in_both_roles():
