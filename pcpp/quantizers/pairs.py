@@ -3,7 +3,8 @@
 Each class is one pair: its docstring names F, B and the source; its two static functions are the
 pair. Default schedules follow section 4.1 (rho 0.01 -> 10 linear, mu = 5 for BNN+) and the original papers
 for R-BNN / IR-Net (t log-linear, k = max(1/t, 1)), except BNN++'s mu: log-linear 1.25 -> 30.4 instead of the
-paper's linear 5 -> 30 (see BNNPlusPlus).
+paper's linear 5 -> 30 (see BNNPlusPlus). These are the weights' defaults; where a pair binarizes activations,
+pcpp.specs.ACTIVATION_SCHEDULES overrides some (bnn++: mu log-linear 0.5 -> 10; bnn+: mu 2).
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ class BNN(Quantizer):
 
 @register
 class BNNPlus(Quantizer):
-    """BNN+: F = sign, B = SS'_mu (sign-Swish derivative). Darabi et al. 2018; paper Example 2."""
+    """BNN+: F = sign, B = SS'_mu (sign-Swish derivative). Darabi et al. 2018; paper Example 2.
+
+    mu is the paper's constant 5 on weights; on activations it defaults to 2 (pcpp.specs.ACTIVATION_SCHEDULES:
+    SS'_5 is negative beyond |x| = 0.48; docs/results/sweep_bnnp_act_mu.md)."""
 
     name = "bnn+"
     forward_formula = "sign(w)"
