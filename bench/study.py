@@ -132,17 +132,28 @@ def close_open_run(tracking_uri: str, run_dir: Path, state: RunState) -> None:
 
 
 def config_differences(run_dir: Path, planned: dict) -> list[str]:
-    """`key: old -> new` for each setting in which `run_dir`'s config.yaml differs from the planned config
-    (what the run computes, as its digest sees it); [] when it has none yet or they agree."""
-    from stages.config import TrainConfig, absolute, build, keyed_dict, load_config
+    """`key: old -> new` for each setting in which the run in `run_dir` differs from the planned config (what
+    the run computes, as its digest sees it, quantizer defaults resolved: the run's as recorded in its
+    config.resolved.json when it began, the plan's as registered now); [] when it has none yet or they agree.
+    A binarized run directory without config.resolved.json (made before it was written) is one difference:
+    the defaults its pairs resolved to are unknown."""
+    from stages.config import RESOLVED_CONFIG, TrainConfig, absolute, build, keyed_dict, load_config
     from stages.tracking import flatten
 
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return []
-    old = flatten(keyed_dict(load_config(path)))
-    new = flatten(keyed_dict(absolute(build(TrainConfig, planned))))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    resolved = _read_json(Path(run_dir) / RESOLVED_CONFIG)
+    # through JSON as config.resolved.json went (tuples become lists): only real differences remain
+    new = flatten(json.loads(json.dumps(keyed_dict(absolute(build(TrainConfig, planned))), default=str)))
+    if resolved is None:
+        old = flatten(keyed_dict(load_config(path)))
+        unknown = ([f"the quantizer defaults it ran with: not recorded ({RESOLVED_CONFIG} is missing) -> "
+                    f"{RESOLVED_CONFIG}"] if planned.get("binarize") else [])
+    else:
+        old, unknown = flatten(resolved), []
+    return unknown + [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                      if old.get(k) != new.get(k)]
 
 
 # -- wall time ---------------------------------------------------------------------------------------------

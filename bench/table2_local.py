@@ -19,7 +19,9 @@ MLflow store (the tables come from the run directories).
         --variants fp,bc,pc,bnn,bnn+,bnn++,pq,rpc --extra-seeds bnn:BW:1,bnn++:BW:1 --epochs 3 --lr 2e-3
 
 Every option of bench/cifar10_resnet20.py is accepted (`--workers` must stay 1), and: `--parallel N` runs
-(processes) at once, each pinned to its share of the cores (`core_slots`) with as many torch threads,
+(processes) at once, each pinned to its share of the cores (`core_slots`; the last run to start takes every
+free share) with as many torch threads (where the OS has CPU affinity: Linux; elsewhere each run sizes its
+threads by every core),
 `--deadline-s S` starts no run after S seconds (runs in flight finish; the rest are left for a later
 `--resume`), `--report-only` writes the tables from the run directories and trains nothing,
 `--commit` the commit to record (default: git's HEAD; a copy of the tree without .git says `unknown`),
@@ -66,7 +68,7 @@ def run_one(config: dict, run_dir: str) -> dict:
         import torch
         import torch.distributed as dist
 
-        from stages.config import TrainConfig, absolute, build
+        from stages.config import TrainConfig, absolute, build, write_run_config
         from stages.engine import skip_shm_op
         from stages.training import TrainingRun
 
@@ -82,7 +84,7 @@ def run_one(config: dict, run_dir: str) -> dict:
         cfg = absolute(build(TrainConfig, config))
         path = Path(run_dir)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(cfg.to_yaml())  # as stages.engine.fit writes it
+        write_run_config(path, cfg)  # as stages.engine.fit writes it
         training = TrainingRun(cfg, path)
         status = training.run()
         return {"status": status, "message": training.message, "wall_s": time.perf_counter() - started,
@@ -282,20 +284,23 @@ def main(argv: list[str] | None = None) -> int:
     invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
     slots = core_slots(args.parallel)
     free = list(range(args.parallel))
-    pending, flight = list(left), {}  # flight: process -> (run, start time, epochs before, slot)
+    pending, flight = list(left), {}  # flight: process -> (run, start time, epochs before, its slots)
     while pending or flight:
         late = args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s
         while pending and free and not late:
-            r, slot = pending.pop(0), free.pop(0)
-            where = "" if slots[slot] is None else f" on cores {','.join(map(str, slots[slot]))}"
+            r = pending.pop(0)
+            # the last run to start takes every free slot: no core stays idle at a study's tail
+            taken = [free.pop(0)] if pending else [free.pop(0) for _ in range(len(free))]
+            cores = None if slots[taken[0]] is None else sorted({c for k in taken for c in slots[k]})
+            where = "" if cores is None else f" on cores {','.join(map(str, cores))}"
             print(f"[table2] start {r.label}{where}", flush=True)
-            flight[start(r, slots[slot])] = (r, time.perf_counter(), len(study.recorded_epochs(r.run_dir)), slot)
+            flight[start(r, cores)] = (r, time.perf_counter(), len(study.recorded_epochs(r.run_dir)), taken)
         if not flight:
             break
         ended = connection.wait([p.sentinel for p in flight])
         for process in [p for p in flight if p.sentinel in ended]:
-            r, started, epochs_before, slot = flight.pop(process)
-            free.append(slot)
+            r, started, epochs_before, taken = flight.pop(process)
+            free.extend(taken)
             result = collect(r, process, started)
             r.status, r.message = result["status"], result["message"]
             r.run_dir.mkdir(parents=True, exist_ok=True)  # a process that died at once made none

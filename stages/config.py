@@ -192,6 +192,21 @@ def keyed_dict(obj) -> dict:
     return out
 
 
+RESOLVED_CONFIG = "config.resolved.json"  # beside config.yaml: keyed_dict(cfg), defaults resolved when the run began
+
+
+def write_run_config(run_dir: str | Path, cfg) -> None:
+    """A run directory's record of its config: config.yaml (as given) and config.resolved.json (`keyed_dict`:
+    the quantizer pairs with the schedules and options they resolved to when the run began), so that a later
+    change of a registered default cannot make an old run pass for the new default's."""
+    import json
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / RESOLVED_CONFIG).write_text(json.dumps(keyed_dict(cfg), indent=1, sort_keys=True, default=str))
+
+
 @dataclass
 class TrackingConfig:
     experiment: str = "pcpp"

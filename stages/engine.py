@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.local import check_resources, ensure_ray, tracking_uri
-from stages.config import TrainConfig, absolute, build
+from stages.config import TrainConfig, absolute, build, write_run_config
 from stages.preflight import check_batches, check_inputs, check_model, check_resume, checkpoint_layout
 from stages.profile import EPOCHS, PROFILE, PhaseTimer
 from stages.storage import (
@@ -232,7 +232,7 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
                     f"distributed.num_workers={d.num_workers}" + (" with use_gpu" if d.use_gpu else ""))
     timer.mark("Ray start")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    write_run_config(run_dir, cfg)
     (run_dir / STORAGE_MARK).write_text(storage)
     uri = tracking_uri(cfg.tracking.run_root, cfg.tracking.tracking_uri)
     run_id = start_training_run(cfg, run_dir, uri, parent_run_id, run_name, run_tags) if log_to_mlflow else None

@@ -120,16 +120,48 @@ def planned(tmp_path: Path, epochs: int) -> dict:
 
 
 def test_config_differences(tmp_path):
-    from stages.config import TrainConfig, absolute, build
+    from stages.config import TrainConfig, absolute, build, write_run_config
 
     run_dir = tmp_path / "bnn-BW-s0"
     assert study.config_differences(run_dir, planned(tmp_path, 3)) == []  # nothing run yet
-    run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(absolute(build(TrainConfig, planned(tmp_path, 3))).to_yaml())
+    write_run_config(run_dir, absolute(build(TrainConfig, planned(tmp_path, 3))))
     assert study.config_differences(run_dir, planned(tmp_path, 3)) == []
     assert study.config_differences(run_dir, planned(tmp_path, 1)) == ["optim.epochs: 3 -> 1"]
     more_workers = {**planned(tmp_path, 3), "distributed": {"max_failures": 5}}  # how, not what: no difference
     assert study.config_differences(run_dir, more_workers) == []
+
+
+def test_config_differences_sees_a_changed_registered_default(tmp_path, monkeypatch):
+    """A run made under one default of a pair, planned again after the default changed: a difference, though
+    both configs only name the pair (config.resolved.json kept what it resolved to)."""
+    from pcpp import specs
+    from pcpp.schedules import constant
+    from stages.config import TrainConfig, absolute, build, write_run_config
+
+    bwa = {**planned(tmp_path, 3), "binarize": {"weight": "bnn+", "activation": "bnn+", "units": "scaled"}}
+    run_dir = tmp_path / "bnn+-BWA-s0"
+    monkeypatch.setitem(specs.ACTIVATION_SCHEDULES, "bnn+", {"mu": constant(5.0)})
+    write_run_config(run_dir, absolute(build(TrainConfig, bwa)))
+    assert study.config_differences(run_dir, bwa) == []
+    monkeypatch.setitem(specs.ACTIVATION_SCHEDULES, "bnn+", {"mu": constant(2.0)})
+    differs = study.config_differences(run_dir, bwa)
+    assert differs == ["binarize.activation.params.mu.end: 5.0 -> 2.0",
+                       "binarize.activation.params.mu.start: 5.0 -> 2.0"]
+
+
+def test_config_differences_of_a_directory_without_its_resolved_config(tmp_path):
+    """Made before config.resolved.json was written: what its pairs resolved to is unknown, so it differs
+    (a binarized run; a full-precision one has no pairs)."""
+    from stages.config import RESOLVED_CONFIG, TrainConfig, absolute, build
+
+    run_dir = tmp_path / "bnn-BW-s0"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(absolute(build(TrainConfig, planned(tmp_path, 3))).to_yaml())
+    assert study.config_differences(run_dir, planned(tmp_path, 3)) == [
+        f"the quantizer defaults it ran with: not recorded ({RESOLVED_CONFIG} is missing) -> {RESOLVED_CONFIG}"]
+    fp = {**planned(tmp_path, 3), "binarize": None}
+    (run_dir / "config.yaml").write_text(absolute(build(TrainConfig, fp)).to_yaml())
+    assert study.config_differences(run_dir, fp) == []
 
 
 def test_study_parent_run_and_wall_time(store, tmp_path):

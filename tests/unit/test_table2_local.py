@@ -137,12 +137,13 @@ def test_one_run_in_its_own_process(shards, tmp_path):
     run = bench.plan(args, train, test, REPO / "pipelines" / "demo_data" / "resnet20-cifar10.th", tmp_path)[0]
     run.config["model"]["num_classes"] = 10
     run.config["algorithm"]["bn_recalibration_batches"] = 1
-    slot = local.core_slots(1)[0]
+    slot = local.core_slots(2)[0]  # one core of two or more (the whole machine on a 1-core one)
     process = local.start(run, slot)  # a spawned process, as main runs them; its result through the run directory
     result = local.collect(run, process, 0.0)
     assert result["status"] == "finished", result["message"]
     assert result["device"] == "cpu" and result["wall_s"] > 0
-    assert result["threads"] == len(slot)  # TrainingRun takes as many threads as the slot has cores
+    assert result["threads"] == len(slot)  # TrainingRun takes as many threads as the slot has cores, not all
+    assert (run.run_dir / "config.resolved.json").exists()
     epochs = [json.loads(x) for x in (run.run_dir / "epochs.jsonl").read_text().splitlines()]
     assert len(epochs) == 1 and 0.0 <= epochs[0]["binary_acc"] <= 1.0
     assert json.loads((run.run_dir / "result.json").read_text())["status"] == "finished"
