@@ -120,7 +120,11 @@ def _run_process(config: dict, run_dir: str, cores: list[int] | None = None) -> 
     """A run's process, pinned to `cores` (its slot; TrainingRun then uses that many threads): run_one, its
     result written to RUN_DIR/table2_local.json for the driver."""
     if cores:
-        os.sched_setaffinity(0, cores)
+        try:
+            os.sched_setaffinity(0, cores)
+        except OSError as e:  # a core of the slot went away (cpuset changed, CPU offline): run unpinned
+            print(f"[table2] warning: cannot pin to cores {cores} ({e}); this run uses every core", file=sys.stderr,
+                  flush=True)
     result = run_one(config, run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     study._write_json(Path(run_dir) / RESULT_FILE, result)
@@ -227,7 +231,7 @@ def _device(run_dir: Path) -> str | None:
 
 # -- main ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
     p.add_argument("--parallel", type=int, default=1, help="runs at once, each its own process (default 1)")
     p.add_argument("--deadline-s", type=float, default=None, help="start no run after this many seconds")
     p.add_argument("--report-only", action="store_true", help="write the tables from the run directories only")
@@ -282,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[table2] {len(runs)} runs under {run_root}: {len(runs) - len(left)} done, {len(left)} to run, "
           f"{args.parallel} at once; train {train_manifest['num_samples']} images; commit {args.commit}", flush=True)
     invocation = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}-{os.getpid()}"
-    slots = core_slots(args.parallel)
-    free = list(range(args.parallel))
+    slots = core_slots(max(1, min(args.parallel, len(left))))  # fewer runs than --parallel: bigger slots
+    free = list(range(len(slots)))
     pending, flight = list(left), {}  # flight: process -> (run, start time, epochs before, its slots)
     while pending or flight:
         late = args.deadline_s is not None and time.perf_counter() - t_start > args.deadline_s

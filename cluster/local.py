@@ -102,7 +102,7 @@ def ensure_ray(num_cpus: int | None = None):
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)  # read by ray.init when it starts the GCS
     try:
-        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True,
+        ray.init(address="local", num_cpus=num_cpus or max(2, usable_cpus()), include_dashboard=True,
                  dashboard_host=LOOPBACK, dashboard_port=free_port(), _node_ip_address=LOOPBACK,
                  runtime_env={"env_vars": env_vars}, log_to_driver=True)
     finally:

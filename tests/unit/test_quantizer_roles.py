@@ -1,5 +1,5 @@
-"""A pair's default schedules depend on what it binarizes: bnn++ on activations ramps mu to 10, not 30.4
-(pcpp.specs.ACTIVATION_SCHEDULES); everything a user sets wins."""
+"""A pair's default schedules depend on what it binarizes: bnn++ on activations ramps mu to 10, not 30.4, and
+bnn+ on activations keeps mu at 2, not 5 (pcpp.specs.ACTIVATION_SCHEDULES); everything a user sets wins."""
 
 import pytest
 import torch
