@@ -308,6 +308,11 @@ def study_paths(args: argparse.Namespace, stem: str) -> StudyPaths:
                       (args.out or run_root / "report").expanduser().resolve())
 
 
+def settings_mismatches(runs: list[Run]) -> list[tuple[Run, list[str]]]:
+    """(run, its differences) for each run whose directory was made with other settings than planned."""
+    return [(r, differs) for r in runs if (differs := study.config_differences(r.run_dir, r.config))]
+
+
 def check_run_dirs(runs: list[Run], run_root: Path, resume: bool) -> None:
     """Refuse (SystemExit) run directories that exist without `resume`, or that were made with other settings
     (a table must not mix them)."""
@@ -315,11 +320,11 @@ def check_run_dirs(runs: list[Run], run_root: Path, resume: bool) -> None:
     if taken and not resume:
         raise SystemExit(f"error: run directories already exist under {run_root}: "
                          f"{', '.join(p.name for p in taken)}; pass --resume to continue them or another --run-root")
-    for r in runs:
-        differs = study.config_differences(r.run_dir, r.config)
-        if differs:
-            raise SystemExit(f"error: {r.run_dir} was run with other settings ({'; '.join(differs)}): "
-                             f"a table must not mix them; use another --run-root or the settings it was run with")
+    mismatched = settings_mismatches(runs)
+    if mismatched:
+        r, differs = mismatched[0]
+        raise SystemExit(f"error: {r.run_dir} was run with other settings ({'; '.join(differs)}): "
+                         f"a table must not mix them; use another --run-root or the settings it was run with")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,17 +137,16 @@ def config_differences(run_dir: Path, planned: dict) -> list[str]:
     config.resolved.json when it began, the plan's as registered now); [] when it has none yet or they agree.
     A binarized run directory without config.resolved.json (made before it was written) is one difference:
     the defaults its pairs resolved to are unknown."""
-    from stages.config import RESOLVED_CONFIG, TrainConfig, absolute, build, keyed_dict, load_config
+    from stages.config import RESOLVED_CONFIG, TrainConfig, absolute, build, load_config, resolved_config
     from stages.tracking import flatten
 
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return []
     resolved = _read_json(Path(run_dir) / RESOLVED_CONFIG)
-    # through JSON as config.resolved.json went (tuples become lists): only real differences remain
-    new = flatten(json.loads(json.dumps(keyed_dict(absolute(build(TrainConfig, planned))), default=str)))
+    new = flatten(resolved_config(absolute(build(TrainConfig, planned))))
     if resolved is None:
-        old = flatten(keyed_dict(load_config(path)))
+        old = flatten(resolved_config(load_config(path)))
         unknown = ([f"the quantizer defaults it ran with: not recorded ({RESOLVED_CONFIG} is missing) -> "
                     f"{RESOLVED_CONFIG}"] if planned.get("binarize") else [])
     else:

@@ -83,7 +83,6 @@ def run_one(config: dict, run_dir: str) -> dict:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         cfg = absolute(build(TrainConfig, config))
         path = Path(run_dir)
-        path.mkdir(parents=True, exist_ok=True)
         write_run_config(path, cfg)  # as stages.engine.fit writes it
         training = TrainingRun(cfg, path)
         status = training.run()
@@ -269,11 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         r.status = run_status(r)
     if args.report_only:
-        for r in runs:
-            differs = study.config_differences(r.run_dir, r.config)
-            if differs:
-                print(f"warning: {r.run_dir} was run with other settings than these options ({'; '.join(differs)})",
-                      file=sys.stderr)
+        for r, differs in bench.settings_mismatches(runs):
+            print(f"warning: {r.run_dir} was run with other settings than these options ({'; '.join(differs)})",
+                  file=sys.stderr)
         files = publish(args, runs, out, title, note, None)
         print(files.markdown.read_text(encoding="utf-8"))
         return 0

@@ -14,6 +14,7 @@ checkpoints) and the tracking settings of the run are filled in by the stage (st
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,16 +196,20 @@ def keyed_dict(obj) -> dict:
 RESOLVED_CONFIG = "config.resolved.json"  # beside config.yaml: keyed_dict(cfg), defaults resolved when the run began
 
 
-def write_run_config(run_dir: str | Path, cfg) -> None:
-    """A run directory's record of its config: config.yaml (as given) and config.resolved.json (`keyed_dict`:
-    the quantizer pairs with the schedules and options they resolved to when the run began), so that a later
-    change of a registered default cannot make an old run pass for the new default's."""
-    import json
+def resolved_config(cfg) -> dict:
+    """`keyed_dict(cfg)` as config.resolved.json holds it (through JSON: tuples are lists), so that a planned
+    config and a recorded one compare equal exactly when they compute the same."""
+    return json.loads(json.dumps(keyed_dict(cfg), sort_keys=True, default=str))
 
+
+def write_run_config(run_dir: str | Path, cfg) -> None:
+    """A run directory's record of its config: config.yaml (as given) and config.resolved.json
+    (`resolved_config`: the quantizer pairs with the schedules and options they resolved to when the run
+    began), so that a later change of a registered default cannot make an old run pass for the new default's."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    (run_dir / RESOLVED_CONFIG).write_text(json.dumps(keyed_dict(cfg), indent=1, sort_keys=True, default=str))
+    (run_dir / RESOLVED_CONFIG).write_text(json.dumps(resolved_config(cfg), indent=1, sort_keys=True))
 
 
 @dataclass

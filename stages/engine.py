@@ -231,7 +231,6 @@ def fit(cfg: TrainConfig, *, run_dir: str | Path | None = None, parent_run_id: s
     check_resources({"GPU": d.num_workers} if d.use_gpu else {"CPU": d.num_workers},
                     f"distributed.num_workers={d.num_workers}" + (" with use_gpu" if d.use_gpu else ""))
     timer.mark("Ray start")
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
     (run_dir / STORAGE_MARK).write_text(storage)
     uri = tracking_uri(cfg.tracking.run_root, cfg.tracking.tracking_uri)
